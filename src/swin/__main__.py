@@ -1,0 +1,3 @@
+from swin.cli import main
+
+main()

@@ -1,0 +1,70 @@
+"""LightningCLI in subclass mode: any task in ``swin.tasks`` and any datamodule in ``swin.data`` is a ``class_path``.
+
+Every run logs to TensorBoard and CSV in one version folder under ``trainer.default_root_dir`` (the folder is named
+after the SLURM job when there is one, so a requeued job continues in it), keeps the best and the last checkpoint
+(see ``BaseTask.configure_callbacks``), and saves its config, overwriting on resume.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from jsonargparse import Namespace
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from swin.tasks.base import BaseTask
+
+VERSION_ENV = "SWIN_RUN_VERSION"
+
+
+def run_version(root: str | os.PathLike) -> str:
+    """One version name for all loggers and ranks: the SLURM job id, or the next free ``version_N``."""
+    if os.environ.get(VERSION_ENV):
+        return os.environ[VERSION_ENV]
+    job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
+    if job and os.environ.get("SLURM_JOB_NAME") not in (None, "bash", "interactive"):
+        version = f"slurm_{job}"
+    else:
+        taken = [int(m.group(1)) for p in Path(root).glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+        version = f"version_{max(taken, default=-1) + 1}"
+    os.environ[VERSION_ENV] = version  # DDP ranks started later inherit it
+    return version
+
+
+class SwinCLI(LightningCLI):
+    """The project's CLI: links the datamodule's classes into the task and sets up loggers."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.init_args.class_names", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        trainer = config.trainer
+        if trainer.logger in (None, True):
+            root = trainer.default_root_dir or "runs"
+            trainer.default_root_dir = root
+            version = run_version(root)
+            trainer.logger = [
+                Namespace(
+                    class_path=f"lightning.pytorch.loggers.{name}",
+                    init_args=Namespace(save_dir=root, name="", version=version),
+                )
+                for name in ("TensorBoardLogger", "CSVLogger")
+            ]
+
+
+def main(args: list[str] | None = None) -> SwinCLI:
+    """Entry point of ``cli.py``, ``python -m swin`` and the ``swin`` command."""
+    return SwinCLI(
+        BaseTask,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        seed_everything_default=42,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )

@@ -1,0 +1,573 @@
+"""Swin Transformer V1 (arXiv 2103.14030), exact to the official release, usable at any input size.
+
+One module, two faces: ``model(x)`` gives class logits; with ``out_indices`` it is also a dense backbone whose
+``forward_features(x)`` returns NCHW maps of the chosen stages, each through its own LayerNorm, as the official
+detection / segmentation backbone does.
+
+Tokens travel as (B, H, W, C). Inside each block the map is padded (right / bottom) to a window multiple, the
+shift mask is computed on the padded grid, and the result is cropped back; PatchMerging pads odd sizes. Where the
+padded map is no larger than the window in a dimension there is no shift in that dimension.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+from torchvision.ops import StochasticDepth
+
+__all__ = [
+    "SwinTransformer",
+    "PatchEmbed",
+    "WindowAttention",
+    "SwinBlock",
+    "PatchMerging",
+    "Stage",
+    "VARIANTS",
+    "build_swin",
+    "swin_t",
+    "swin_s",
+    "swin_b",
+    "swin_l",
+    "count_flops",
+]
+
+MASK_VALUE = -100.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pure helpers
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def relative_position_index(window: int, device: torch.device | None = None) -> Tensor:
+    """(N, N) index into the (2M-1)² bias table for every token pair of an M×M window (N = M²)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
+    return (rel[..., 0] * (2 * window - 1) + rel[..., 1]).to(device)
+
+
+def _regions(size: int, window: int, shift: int) -> Tensor:
+    """Region id of every row (or column) of a cyclically shifted, padded map: slices (0,-M), (-M,-s), (-s,None)."""
+    ids = torch.zeros(size, dtype=torch.long)
+    if shift > 0:
+        ids[size - window : size - shift] = 1
+        ids[size - shift :] = 2
+    return ids
+
+
+@functools.lru_cache(maxsize=64)
+def shift_mask(
+    height: int, width: int, window: int, shift: tuple[int, int], device: torch.device | None = None
+) -> Tensor:
+    """(nW, N, N) additive mask: 0 between tokens of one region, -100 between regions (padded grid, row-major)."""
+    ids = _regions(height, window, shift[0])[:, None] * 3 + _regions(width, window, shift[1])[None, :]
+    ids = window_partition(ids[None, :, :, None], window).squeeze(-1)  # (nW, N)
+    mask = (ids[:, :, None] != ids[:, None, :]).float() * MASK_VALUE
+    return mask.to(device)
+
+
+def window_partition(x: Tensor, window: int) -> Tensor:
+    """(B, H, W, C) with H, W multiples of ``window`` → (B·nW, M², C)."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // window, window, w // window, window, c).transpose(2, 3)
+    return x.reshape(-1, window * window, c)
+
+
+def window_reverse(windows: Tensor, window: int, height: int, width: int) -> Tensor:
+    """Inverse of :func:`window_partition`: (B·nW, M², C) → (B, H, W, C)."""
+    c = windows.shape[-1]
+    x = windows.view(-1, height // window, width // window, window, window, c).transpose(2, 3)
+    return x.reshape(-1, height, width, c)
+
+
+def window_geometry(height: int, width: int, window: int, shifted: bool) -> tuple[int, int, tuple[int, int]]:
+    """Padded size and per-dimension shift of a block: no shift where the padded map fits in one window."""
+    pad_h, pad_w = -(-height // window) * window, -(-width // window) * window
+    if not shifted:
+        return pad_h, pad_w, (0, 0)
+    half = window // 2
+    return pad_h, pad_w, (0 if pad_h <= window else half, 0 if pad_w <= window else half)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Modules
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class PatchEmbed(nn.Module):
+    """Pad to a patch multiple (right / bottom, zeros), P×P conv with stride P, LayerNorm; returns (B, H, W, C)."""
+
+    def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96, patch_norm: bool = True):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = nn.LayerNorm(embed_dim) if patch_norm else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.patch_size
+        pad_h, pad_w = (-x.shape[2]) % p, (-x.shape[3]) % p
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside windows with a learned relative position bias.
+
+    ``forward`` takes windows (B·nW, N, C) and an optional additive mask (nW, N, N); the bias and the mask are
+    summed into one additive mask for ``scaled_dot_product_attention`` (``fused=False``: an explicit softmax).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        window_size: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        fused: bool = True,
+    ):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.window_size = window_size
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim**-0.5
+        self.fused = fused
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def relative_position_bias(self) -> Tensor:
+        """(nH, N, N) bias gathered from the table."""
+        n = self.window_size**2
+        index = relative_position_index(self.window_size, self.relative_position_bias_table.device)
+        return self.relative_position_bias_table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        bw, n, c = x.shape
+        bias = self.relative_position_bias()  # (nH, N, N)
+        if mask is not None:
+            num_windows = mask.shape[0]
+            bias = bias.unsqueeze(0) + mask.unsqueeze(1)  # (nW, nH, N, N)
+        else:
+            num_windows = 1
+            bias = bias.unsqueeze(0)
+        qkv = self.qkv(x).view(bw // num_windows, num_windows, n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # (B, nW, nH, N, hd)
+        bias = bias.to(q.dtype)
+        if self.fused:
+            drop = self.attn_drop if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
+        else:
+            attn = (q * self.scale) @ k.transpose(-2, -1) + bias
+            attn = F.dropout(attn.softmax(dim=-1), self.attn_drop, self.training)
+            out = attn @ v
+        out = out.transpose(2, 3).reshape(bw, n, c)
+        return self.proj_drop(self.proj(out))
+
+
+class Mlp(nn.Module):
+    """fc1 → GELU → dropout → fc2 → dropout."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class SwinBlock(nn.Module):
+    """Pre-norm block: x + DropPath(W-MSA / SW-MSA(LN(x))), then x + DropPath(MLP(LN(x))), on (B, H, W, C)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        window_size: int = 7,
+        shifted: bool = False,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        fused_attn: bool = True,
+    ):
+        super().__init__()
+        self.window_size = window_size
+        self.shifted = shifted
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias, attn_drop, drop, fused_attn)
+        self.drop_path = StochasticDepth(drop_path, "row")
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, h, w, _ = x.shape
+        ws = self.window_size
+        pad_h, pad_w, shift = window_geometry(h, w, ws, self.shifted)
+        y = self.norm1(x)
+        if pad_h != h or pad_w != w:
+            y = F.pad(y, (0, 0, 0, pad_w - w, 0, pad_h - h))
+        shifted = shift != (0, 0)
+        if shifted:
+            y = torch.roll(y, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        mask = shift_mask(pad_h, pad_w, ws, shift, y.device) if shifted else None
+        y = window_reverse(self.attn(window_partition(y, ws), mask), ws, pad_h, pad_w)
+        if shifted:
+            y = torch.roll(y, shifts=shift, dims=(1, 2))
+        if pad_h != h or pad_w != w:
+            y = y[:, :h, :w, :]
+        x = x + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """2×2 neighbourhood → 4C (official order x[0::2,0::2], x[1::2,0::2], x[0::2,1::2], x[1::2,1::2]) → LN → 2C."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _, h, w, _ = x.shape
+        if h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        return self.reduction(self.norm(x))
+
+
+class Stage(nn.Module):
+    """``depth`` blocks alternating W-MSA and SW-MSA, then an optional PatchMerging (official layout).
+
+    ``forward`` returns the map before the downsample (the dense output) and after it (the next stage's input).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: Sequence[float] = (),
+        downsample: bool = False,
+        fused_attn: bool = True,
+    ):
+        super().__init__()
+        drop_path = list(drop_path) or [0.0] * depth
+        self.grad_checkpointing = False
+        self.blocks = nn.ModuleList(
+            SwinBlock(
+                dim, num_heads, window_size, i % 2 == 1, mlp_ratio, qkv_bias, drop, attn_drop, drop_path[i], fused_attn
+            )
+            for i in range(depth)
+        )
+        self.downsample = PatchMerging(dim) if downsample else None
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x, (self.downsample(x) if self.downsample is not None else x)
+
+
+class SwinTransformer(nn.Module):
+    """Swin Transformer V1.
+
+    Args:
+        embed_dim: channels C of stage 1 (stage i has C·2^i).
+        depths: blocks per stage.
+        num_heads: attention heads per stage.
+        window_size: window side M.
+        patch_size: side of the patch embedding.
+        in_chans: input channels.
+        num_classes: classifier outputs; 0 gives pooled features; None drops the final norm and head (a pure
+            dense backbone, e.g. for detection).
+        mlp_ratio: MLP hidden width / C.
+        qkv_bias: bias on the q, k, v projection.
+        drop_rate: dropout after the embedding, in MLPs and projections.
+        attn_drop_rate: dropout on attention weights.
+        drop_path_rate: stochastic depth, linear from 0 to this over all blocks.
+        ape: absolute position embedding (for ``img_size``; interpolated bicubically to other sizes).
+        img_size: training image size, used only by ``ape``.
+        patch_norm: LayerNorm after the patch embedding.
+        out_indices: stages whose normed maps ``forward_features`` returns (adds ``norm{i}`` for each).
+        frozen_stages: as the official detection backbone: 0 freezes the patch embedding, 1 also the absolute
+            position embedding, k ≥ 2 also stages 0..k-2 (kept in eval mode).
+        grad_checkpointing: recompute each block in the backward pass to save memory.
+        fused_attn: attention through ``scaled_dot_product_attention`` (False: explicit softmax).
+    """
+
+    def __init__(
+        self,
+        embed_dim: int = 96,
+        depths: Sequence[int] = (2, 2, 6, 2),
+        num_heads: Sequence[int] = (3, 6, 12, 24),
+        window_size: int = 7,
+        patch_size: int = 4,
+        in_chans: int = 3,
+        num_classes: int | None = 1000,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.1,
+        ape: bool = False,
+        img_size: int = 224,
+        patch_norm: bool = True,
+        out_indices: Sequence[int] | None = None,
+        frozen_stages: int = -1,
+        grad_checkpointing: bool = False,
+        fused_attn: bool = True,
+    ):
+        super().__init__()
+        if len(depths) != len(num_heads):
+            raise ValueError(f"depths {tuple(depths)} and num_heads {tuple(num_heads)} differ in length")
+        num_stages = len(depths)
+        self.in_chans = in_chans
+        self.patch_size = patch_size
+        self.window_size = window_size
+        self.num_classes = num_classes
+        self.embed_dim = embed_dim
+        self.num_features = embed_dim * 2 ** (num_stages - 1)
+        self.out_indices = tuple(out_indices) if out_indices is not None else ()
+        for i in self.out_indices:
+            if not 0 <= i < num_stages:
+                raise ValueError(f"out_indices {self.out_indices}: stage {i} does not exist (0..{num_stages - 1})")
+        self.frozen_stages = frozen_stages
+
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
+        if ape:
+            grid = img_size // patch_size
+            self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid * grid, embed_dim))
+            nn.init.trunc_normal_(self.absolute_pos_embed, std=0.02)
+        else:
+            self.absolute_pos_embed = None
+        self.pos_drop = nn.Dropout(drop_rate)
+
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.layers = nn.ModuleList(
+            Stage(
+                dim=embed_dim * 2**i,
+                depth=depths[i],
+                num_heads=num_heads[i],
+                window_size=window_size,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                drop=drop_rate,
+                attn_drop=attn_drop_rate,
+                drop_path=rates[sum(depths[:i]) : sum(depths[: i + 1])],
+                downsample=i < num_stages - 1,
+                fused_attn=fused_attn,
+            )
+            for i in range(num_stages)
+        )
+        if num_classes is not None:
+            self.norm = nn.LayerNorm(self.num_features)
+            self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        else:
+            self.norm = None
+            self.head = None
+        for i in self.out_indices:
+            self.add_module(f"norm{i}", nn.LayerNorm(embed_dim * 2**i))
+        self.apply(_init_weights)
+        self.set_grad_checkpointing(grad_checkpointing)
+        self._freeze_stages()
+
+    # -- properties used by heads ---------------------------------------------------------------------------------
+    @property
+    def out_channels(self) -> list[int]:
+        """Channels of the maps ``forward_features`` returns."""
+        return [self.embed_dim * 2**i for i in self.out_indices]
+
+    @property
+    def out_strides(self) -> list[int]:
+        """Strides of the maps ``forward_features`` returns."""
+        return [self.patch_size * 2**i for i in self.out_indices]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for stage in self.layers:
+            stage.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names that take no weight decay besides 1-D parameters (official list)."""
+        return {"absolute_pos_embed", "relative_position_bias_table"}
+
+    def _freeze_stages(self) -> None:
+        frozen: list[nn.Module] = []
+        if self.frozen_stages >= 0:
+            frozen.append(self.patch_embed)
+        if self.frozen_stages >= 1 and self.absolute_pos_embed is not None:
+            self.absolute_pos_embed.requires_grad_(False)
+        if self.frozen_stages >= 2:
+            frozen.append(self.pos_drop)
+            frozen.extend(self.layers[: self.frozen_stages - 1])
+        for module in frozen:
+            module.eval()
+            module.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> SwinTransformer:
+        super().train(mode)
+        self._freeze_stages()
+        return self
+
+    # -- forward ------------------------------------------------------------------------------------------------------
+    def _check_input(self, x: Tensor) -> None:
+        if x.ndim != 4 or x.shape[1] != self.in_chans or x.shape[0] == 0 or x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(
+                f"expected a non-empty image batch of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}"
+            )
+
+    def _embed(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        x = self.patch_embed(x)
+        if self.absolute_pos_embed is not None:
+            _, h, w, c = x.shape
+            pos = self.absolute_pos_embed
+            grid = int(pos.shape[1] ** 0.5)
+            if (h, w) != (grid, grid):
+                pos = pos.transpose(1, 2).reshape(1, c, grid, grid)
+                pos = F.interpolate(pos, size=(h, w), mode="bicubic", align_corners=False).flatten(2).transpose(1, 2)
+            x = x + pos.view(1, h, w, c)
+        return self.pos_drop(x)
+
+    def forward_features(self, x: Tensor) -> list[Tensor]:
+        """NCHW maps of the ``out_indices`` stages, each through its own LayerNorm (ceil semantics: stride 4·2^i)."""
+        if not self.out_indices:
+            raise ValueError("forward_features needs out_indices, e.g. SwinTransformer(out_indices=(0, 1, 2, 3))")
+        x = self._embed(x)
+        outs = []
+        last = max(self.out_indices)
+        for i, stage in enumerate(self.layers[: last + 1]):
+            y, x = stage(x)
+            if i in self.out_indices:
+                outs.append(getattr(self, f"norm{i}")(y).permute(0, 3, 1, 2).contiguous())
+        return outs
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        """(B, H, W, C) last-stage tokens → final norm → average pool → head."""
+        return self.head(self.norm(x).mean(dim=(1, 2)))
+
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        """Class logits (pooled features when ``num_classes=0``; the dense maps when ``num_classes=None``)."""
+        if self.head is None:
+            return self.forward_features(x)
+        x = self._embed(x)
+        for stage in self.layers:
+            _, x = stage(x)
+        return self.forward_head(x)
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Variants and factories
+# ---------------------------------------------------------------------------------------------------------------
+
+VARIANTS: dict[str, dict] = {
+    "swin_t": dict(embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.2),
+    "swin_s": dict(embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), drop_path_rate=0.3),
+    "swin_b": dict(embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), drop_path_rate=0.5),
+    "swin_l": dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), drop_path_rate=0.2),
+}
+
+
+def build_swin(variant: str, **overrides) -> SwinTransformer:
+    """A named variant (``swin_t``, ``swin_s``, ``swin_b``, ``swin_l``, also ``t``/``tiny``...) with overrides.
+
+    ``variant="custom"`` takes every architecture argument from ``overrides``.
+    """
+    aliases = {"t": "swin_t", "tiny": "swin_t", "s": "swin_s", "small": "swin_s", "b": "swin_b", "base": "swin_b"}
+    aliases.update({"l": "swin_l", "large": "swin_l"})
+    key = aliases.get(variant.lower(), variant.lower())
+    if key == "custom":
+        return SwinTransformer(**overrides)
+    if key not in VARIANTS:
+        raise ValueError(f"unknown Swin variant {variant!r}; choose one of {sorted(VARIANTS)} or 'custom'")
+    return SwinTransformer(**{**VARIANTS[key], **overrides})
+
+
+def swin_t(**overrides) -> SwinTransformer:
+    """Swin-T: C=96, depths 2-2-6-2, heads 3-6-12-24 (28.3M parameters with 1000 classes)."""
+    return build_swin("swin_t", **overrides)
+
+
+def swin_s(**overrides) -> SwinTransformer:
+    """Swin-S: C=96, depths 2-2-18-2, heads 3-6-12-24 (49.6M parameters)."""
+    return build_swin("swin_s", **overrides)
+
+
+def swin_b(**overrides) -> SwinTransformer:
+    """Swin-B: C=128, depths 2-2-18-2, heads 4-8-16-32 (87.8M parameters)."""
+    return build_swin("swin_b", **overrides)
+
+
+def swin_l(**overrides) -> SwinTransformer:
+    """Swin-L: C=192, depths 2-2-18-2, heads 6-12-24-48 (196.5M parameters)."""
+    return build_swin("swin_l", **overrides)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# FLOPs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def count_flops(model: SwinTransformer, img_size: int | tuple[int, int] = 224) -> int:
+    """Multiply-adds of one forward pass of the classification model, counted as the official ``flops()`` does.
+
+    Linear layers, attention matmuls (on the padded window grid) and norms; at 224² Swin-T gives about 4.5 G.
+    """
+    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+    p = model.patch_size
+    h, w = -(-h // p), -(-w // p)
+    c = model.embed_dim
+    flops = h * w * c * model.in_chans * p * p + (h * w * c if isinstance(model.patch_embed.norm, nn.LayerNorm) else 0)
+    for stage in model.layers:
+        for block in stage.blocks:
+            ws = block.window_size
+            pad_h, pad_w, _ = window_geometry(h, w, ws, block.shifted)
+            n, windows = ws * ws, (pad_h // ws) * (pad_w // ws)
+            hidden = block.mlp.fc1.out_features
+            flops += 2 * h * w * c  # norm1, norm2
+            flops += windows * (n * c * 3 * c + 2 * n * n * c + n * c * c)  # qkv, q·kᵀ, attn·v, proj
+            flops += 2 * h * w * c * hidden  # mlp
+        if stage.downsample is not None:
+            flops += h * w * c  # norm (official count)
+            h, w = -(-h // 2), -(-w // 2)
+            flops += h * w * 4 * c * 2 * c
+            c *= 2
+    if model.norm is not None:
+        flops += h * w * c
+    if isinstance(model.head, nn.Linear):
+        flops += c * model.head.out_features
+    return flops
