@@ -367,7 +367,8 @@ class SwinTransformer(nn.Module):
             self.absolute_pos_embed = None
         self.pos_drop = nn.Dropout(drop_rate)
 
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        total = sum(depths)
+        rates = [drop_path_rate * i / max(1, total - 1) for i in range(total)]  # linspace(0, rate, total)
         self.layers = nn.ModuleList(
             Stage(
                 dim=embed_dim * 2**i,

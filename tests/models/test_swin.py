@@ -1,0 +1,223 @@
+"""The backbone: exact parity with timm and torchvision, the official layout, shapes, FLOPs and parameter counts."""
+
+import pytest
+import timm
+import torch
+import torchvision
+
+from swin.models import build_swin, count_flops, swin_t
+from swin.models.swin import shift_mask, window_partition
+from swin.models.weights import load_pretrained
+
+TIMM_NAMES = {
+    "swin_t": "swin_tiny_patch4_window7_224",
+    "swin_s": "swin_small_patch4_window7_224",
+    "swin_b": "swin_base_patch4_window7_224",
+}
+
+
+def _randomise_tables(model: torch.nn.Module) -> None:
+    """Random weights everywhere, including the relative position tables (zeros would hide index errors)."""
+    for name, p in model.named_parameters():
+        if "relative_position_bias_table" in name:
+            torch.nn.init.normal_(p, std=1.0)
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.mark.parametrize("variant", ["swin_t", "swin_s", "swin_b"])
+def test_logits_match_timm(variant):
+    ref = timm.create_model(TIMM_NAMES[variant], pretrained=False).eval()
+    _randomise_tables(ref)
+    model = build_swin(variant).eval()
+    load_pretrained(model, ref.state_dict(), strict=True)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert _max_diff(model(x), ref(x)) <= 1e-4
+
+
+@pytest.mark.parametrize(
+    "variant,sizes",
+    [("swin_t", [(224, 224), (228, 300), (100, 68)]), ("swin_s", [(224, 224)]), ("swin_b", [(224, 224), (100, 68)])],
+)
+def test_logits_match_torchvision(variant, sizes):
+    ref = getattr(torchvision.models, variant)().eval()
+    _randomise_tables(ref)
+    model = build_swin(variant).eval()
+    load_pretrained(model, ref.state_dict(), strict=True)
+    for size in sizes:
+        x = torch.randn(1, 3, *size)
+        with torch.no_grad():
+            assert _max_diff(model(x), ref(x)) <= 1e-4, size
+
+
+def _official_state_dict_from_timm(ref: torch.nn.Module, model) -> dict:
+    """The official release's layout, written from timm's independently: downsample at the END of each stage,
+    head without ``.fc``, and the ``relative_position_index`` / ``attn_mask`` buffers the official files carry."""
+    out = {}
+    for k, v in ref.state_dict().items():
+        parts = k.split(".")
+        if parts[0] == "layers" and parts[2] == "downsample":
+            parts[1] = str(int(parts[1]) - 1)
+        k = ".".join(parts).replace("head.fc.", "head.")
+        out[k] = v
+    for i, stage in enumerate(model.layers):
+        for j, _ in enumerate(stage.blocks):
+            out[f"layers.{i}.blocks.{j}.attn.relative_position_index"] = torch.zeros(49, 49, dtype=torch.long)
+            if j % 2:
+                out[f"layers.{i}.blocks.{j}.attn_mask"] = torch.zeros(4, 49, 49)
+    return out
+
+
+def test_official_layout_round_trip(tmp_path):
+    ref = timm.create_model(TIMM_NAMES["swin_t"], pretrained=False).eval()
+    _randomise_tables(ref)
+    model = swin_t().eval()
+    official = _official_state_dict_from_timm(ref, model)
+    assert sum(k.startswith("layers.0.downsample.") for k in official) == 3  # norm.weight, norm.bias, reduction.weight
+    path = tmp_path / "swin_tiny_patch4_window7_224.pth"
+    torch.save({"model": official}, path)
+    load_pretrained(model, path, strict=True)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert _max_diff(model(x), ref(x)) <= 1e-4
+    # and back: this project's state dict is the official layout (without the buffers)
+    again = swin_t().eval()
+    load_pretrained(again, model.state_dict(), strict=True)
+    with torch.no_grad():
+        assert _max_diff(again(x), ref(x)) <= 1e-4
+
+
+@pytest.mark.parametrize("size,expected", [((223, 301), [(56, 76), (28, 38), (14, 19), (7, 10)]), ((64, 64), [(16, 16), (8, 8), (4, 4), (2, 2)])])
+def test_pyramid_shapes_at_any_size(size, expected):
+    model = swin_t(out_indices=(0, 1, 2, 3), num_classes=None).eval()
+    with torch.no_grad():
+        maps = model.forward_features(torch.randn(2, 3, *size))
+    assert [tuple(m.shape[2:]) for m in maps] == expected
+    assert [m.shape[1] for m in maps] == model.out_channels == [96, 192, 384, 768]
+    assert model.out_strides == [4, 8, 16, 32]
+
+
+def test_dense_outputs_are_normed_pre_downsample_stage_maps():
+    model = swin_t(out_indices=(1, 3)).eval()
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        maps = model.forward_features(x)
+        h = model._embed(x)
+        _, h = model.layers[0](h)
+        before, _ = model.layers[1](h)
+        expected = model.norm1(before).permute(0, 3, 1, 2)
+    assert len(maps) == 2 and torch.allclose(maps[0], expected, atol=1e-6)
+    extra = {n for n, _ in model.named_parameters()} - {n for n, _ in swin_t().named_parameters()}
+    assert extra == {"norm1.weight", "norm1.bias", "norm3.weight", "norm3.bias"}
+
+
+def test_shift_mask_matches_official_construction():
+    height, width, ws, s = 14, 21, 7, 3
+    img_mask = torch.zeros(1, height, width, 1)
+    cnt = 0
+    for h in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
+        for w in (slice(0, -ws), slice(-ws, -s), slice(-s, None)):
+            img_mask[:, h, w, :] = cnt
+            cnt += 1
+    windows = window_partition(img_mask, ws).squeeze(-1)
+    official = (windows.unsqueeze(1) - windows.unsqueeze(2)).ne(0).float() * -100.0
+    assert torch.equal(shift_mask(height, width, ws, (s, s)), official)
+
+
+def test_no_shift_where_map_fits_in_one_window():
+    model = swin_t().eval()
+    # stage 4 at 224 is 7x7 = one window: no shift, as the official classification model
+    last = model.layers[3].blocks[1]
+    calls = []
+    original = torch.roll
+    try:
+        torch.roll = lambda *a, **k: calls.append(1) or original(*a, **k)
+        with torch.no_grad():
+            last(torch.randn(1, 7, 7, 768))
+        assert not calls
+        with torch.no_grad():
+            last(torch.randn(1, 14, 7, 768))  # shift only along H
+        assert len(calls) == 2
+    finally:
+        torch.roll = original
+
+
+def test_sdpa_equals_explicit_softmax():
+    fused = swin_t(out_indices=(0, 1, 2, 3)).eval()
+    _randomise_tables(fused)
+    explicit = swin_t(out_indices=(0, 1, 2, 3), fused_attn=False).eval()
+    explicit.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 100, 132)
+    with torch.no_grad():
+        assert _max_diff(fused(x), explicit(x)) <= 1e-5
+        for a, b in zip(fused.forward_features(x), explicit.forward_features(x)):
+            assert _max_diff(a, b) <= 1e-5
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    small = dict(embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8), window_size=4, drop_path_rate=0.0)
+    plain = build_swin("custom", **small, num_classes=5)
+    ckpt = build_swin("custom", **small, num_classes=5, grad_checkpointing=True)
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 72)
+    for m in (plain, ckpt):
+        m(x).square().sum().backward()
+    for (name, a), (_, b) in zip(plain.named_parameters(), ckpt.named_parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-5), name
+
+
+def test_compiles_without_graph_breaks():
+    model = build_swin("custom", embed_dim=16, depths=(1, 2), num_heads=(1, 2), window_size=4, num_classes=3).eval()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(1, 3, 40, 56)
+    with torch.no_grad():
+        assert _max_diff(compiled(x), model(x)) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "variant,kwargs,params",
+    [
+        ("swin_t", {}, 28_288_354),
+        ("swin_s", {}, 49_606_258),
+        ("swin_b", {}, 87_768_224),
+        ("swin_l", {}, 196_532_476),
+        ("swin_b", {"window_size": 12}, 87_903_584),
+    ],
+)
+def test_parameter_counts(variant, kwargs, params):
+    with torch.device("meta"):
+        model = build_swin(variant, **kwargs)
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+@pytest.mark.parametrize("variant,gmacs", [("swin_t", 4.5), ("swin_s", 8.7), ("swin_b", 15.4), ("swin_l", 34.5)])
+def test_flops(variant, gmacs):
+    with torch.device("meta"):
+        model = build_swin(variant)
+    assert abs(count_flops(model, 224) / 1e9 - gmacs) / gmacs <= 0.03
+
+
+def test_flops_grow_linearly_with_pixels():
+    with torch.device("meta"):
+        model = swin_t()
+    ratio = count_flops(model, 896) / count_flops(model, 224)
+    assert 15.5 < ratio < 16.5
+
+
+@pytest.mark.parametrize("shape", [(3, 224, 224), (2, 1, 64, 64), (0, 3, 64, 64), (1, 3, 0, 64)])
+def test_bad_input_shapes(shape):
+    model = build_swin("custom", embed_dim=16, depths=(1,), num_heads=(1,), window_size=4, num_classes=2)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model(torch.zeros(shape))
+
+
+def test_frozen_stages_follow_official_semantics():
+    model = build_swin("custom", embed_dim=16, depths=(1, 1, 1), num_heads=(1, 1, 1), window_size=4, frozen_stages=2)
+    model.train()
+    assert not any(p.requires_grad for p in model.patch_embed.parameters())
+    assert not any(p.requires_grad for p in model.layers[0].parameters())
+    assert all(p.requires_grad for p in model.layers[1].parameters())
+    assert not model.layers[0].training and model.layers[1].training
