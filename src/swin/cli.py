@@ -22,7 +22,8 @@ VERSION_ENV = "SWIN_RUN_VERSION"
 
 def run_version(root: str | os.PathLike) -> str:
     """One version name for all loggers and ranks: the SLURM job id, or the next free ``version_N``."""
-    if os.environ.get(VERSION_ENV):
+    spawned = os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0"
+    if spawned and os.environ.get(VERSION_ENV):  # a DDP child process: use the folder rank 0 chose
         return os.environ[VERSION_ENV]
     job = os.environ.get("SLURM_ARRAY_JOB_ID") or os.environ.get("SLURM_JOB_ID")
     if job and os.environ.get("SLURM_JOB_NAME") not in (None, "bash", "interactive"):

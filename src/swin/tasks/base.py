@@ -191,6 +191,18 @@ class BaseTask(LightningModule):
         trainer = self.trainer
         return Path(trainer.log_dir or trainer.default_root_dir)
 
+    def gather_objects(self, items: list[Any]) -> list[Any]:
+        """Every rank's ``items`` concatenated (in rank order), on every rank; the list itself when not distributed.
+
+        Under DDP the distributed sampler pads the last batch with repeats: callers deduplicate by a key.
+        """
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return items
+        parts: list[list[Any]] = [[] for _ in range(dist.get_world_size())]
+        dist.all_gather_object(parts, items)
+        return [item for part in parts for item in part]
+
     # -- optimisation ---------------------------------------------------------------------------------------------
     def global_batch_size(self) -> int:
         """Images per optimiser step: per-device batch × devices × nodes × gradient accumulation."""

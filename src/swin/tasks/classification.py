@@ -1,0 +1,156 @@
+"""Image classification: Swin + linear head, the paper's ImageNet recipe (mixup / cutmix, label smoothing, EMA)."""
+
+from __future__ import annotations
+
+import csv
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+from torchvision.transforms import v2
+
+from swin.tasks.base import BaseTask
+
+
+class ClassificationTask(BaseTask):
+    """Swin classifier.
+
+    Args:
+        num_classes: classes (linked from the datamodule by the CLI).
+        class_names: names for predictions (linked from the datamodule).
+        label_smoothing: ε of the (soft-target) cross-entropy.
+        mixup_alpha: Beta(α, α) of mixup; 0 turns it off.
+        cutmix_alpha: Beta(α, α) of cutmix; 0 turns it off.
+        mix_prob: probability that a training batch is mixed at all.
+        switch_prob: probability of cutmix rather than mixup when both are on.
+        ema_decay: exponential moving average of the weights (e.g. 0.9998), used for validation, test and
+            predict; None for off.
+        top_k: classes per image in ``predictions.csv``.
+        **kwargs: :class:`~swin.tasks.base.BaseTask` arguments (backbone, pretrained, lr, schedule, ...).
+    """
+
+    monitor = "val/acc1"
+    monitor_mode = "max"
+
+    def __init__(
+        self,
+        num_classes: int = 1000,
+        class_names: list[str] | None = None,
+        label_smoothing: float = 0.1,
+        mixup_alpha: float = 0.8,
+        cutmix_alpha: float = 1.0,
+        mix_prob: float = 1.0,
+        switch_prob: float = 0.5,
+        ema_decay: float | None = None,
+        top_k: int = 5,
+        **kwargs: Any,
+    ) -> None:
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"class_names has {len(class_names)} names for num_classes={num_classes}")
+        super().__init__(**kwargs)
+
+    def configure_models(self) -> None:
+        hp = self.hparams
+        self.backbone = self.build_backbone(num_classes=hp.num_classes)
+        self.ema = None
+        if hp.ema_decay is not None:
+            self.ema = AveragedModel(self.backbone, multi_avg_fn=get_ema_multi_avg_fn(hp.ema_decay), use_buffers=True)
+            self.ema.requires_grad_(False)
+
+    def configure_losses(self) -> None:
+        hp = self.hparams
+        mixers = []
+        if hp.mixup_alpha > 0:
+            mixers.append(v2.MixUp(alpha=hp.mixup_alpha, num_classes=hp.num_classes))
+        if hp.cutmix_alpha > 0:
+            mixers.append(v2.CutMix(alpha=hp.cutmix_alpha, num_classes=hp.num_classes))
+        if len(mixers) == 2:
+            self.mixer = v2.RandomChoice(mixers, p=[1 - hp.switch_prob, hp.switch_prob])
+        else:
+            self.mixer = mixers[0] if mixers else None
+
+    def configure_metrics(self) -> None:
+        k = min(5, self.hparams.num_classes)
+        metrics = MetricCollection(
+            {
+                "acc1": MulticlassAccuracy(self.hparams.num_classes, top_k=1, average="micro"),
+                "acc5": MulticlassAccuracy(self.hparams.num_classes, top_k=k, average="micro"),
+            }
+        )
+        self.val_metrics = metrics.clone(prefix="val/")
+        self.test_metrics = metrics.clone(prefix="test/")
+
+    # -- mixing and the loss --------------------------------------------------------------------------------------
+    def mix(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Mixup / cutmix (with ``mix_prob``) and label smoothing: images and soft targets (B, K)."""
+        hp = self.hparams
+        if self.mixer is not None and torch.rand(()) < hp.mix_prob:
+            images, targets = self.mixer(images, labels)
+        else:
+            targets = F.one_hot(labels, hp.num_classes).to(images.dtype)
+        return images, targets * (1 - hp.label_smoothing) + hp.label_smoothing / hp.num_classes
+
+    def eval_model(self) -> torch.nn.Module:
+        """The EMA weights when on, else the trained ones."""
+        return self.ema.module if self.ema is not None else self.backbone
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.eval_model()(images)
+
+    # -- steps ----------------------------------------------------------------------------------------------------
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        images, targets = self.mix(images, labels)
+        loss = F.cross_entropy(self.backbone(images), targets)
+        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
+        return loss
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.backbone)
+
+    def _evaluate(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, stage: str) -> None:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels)
+        metrics.update(logits, labels)
+        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=images.shape[0])
+        self.log_dict(metrics, prog_bar=stage == "val", batch_size=images.shape[0])
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics, "test")
+
+    # -- predict: predictions.csv ---------------------------------------------------------------------------------
+    def on_predict_epoch_start(self) -> None:
+        self._rows: list[tuple[str, list[int], list[float]]] = []
+
+    def predict_step(self, batch: tuple[Tensor, list[str]], batch_idx: int) -> Tensor:
+        images, paths = batch
+        probs = self(images).softmax(dim=-1)
+        top = probs.topk(min(self.hparams.top_k, probs.shape[-1]), dim=-1)
+        for path, idx, p in zip(paths, top.indices.tolist(), top.values.tolist()):
+            self._rows.append((str(path), idx, p))
+        return probs
+
+    def on_predict_epoch_end(self) -> None:
+        rows = {path: (idx, p) for path, idx, p in self.gather_objects(self._rows)}  # DDP pads with repeats
+        if not self.trainer.is_global_zero:
+            return
+        names = self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
+        k = min(self.hparams.top_k, self.hparams.num_classes)
+        out = self.output_dir() / "predictions.csv"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path"] + [f"{c}{i}" for i in range(1, k + 1) for c in ("class", "prob")])
+            for path in sorted(rows):
+                idx, p = rows[path]
+                writer.writerow([path] + [v for i, q in zip(idx, p) for v in (names[i], f"{q:.6f}")])
+        print(f"[swin] wrote {len(rows)} predictions to {out}")
