@@ -1,0 +1,76 @@
+"""Swin + FPN in torchvision's Mask R-CNN / Faster R-CNN: levels, sizes, resizing, parameter count."""
+
+import pytest
+import torch
+from torchvision.models.detection import FasterRCNN, MaskRCNN
+
+from swin.models import build_swin
+from swin.models.detector import SwinFPN, build_detector
+
+TINY = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=4)
+HEADS = dict(fpn_channels=32, representation_size=64, mask_channels=16, min_size=64, max_size=96)
+
+
+def tiny_backbone():
+    return build_swin("custom", **TINY, num_classes=None, out_indices=(0, 1, 2, 3))
+
+
+def test_fpn_levels_have_the_swin_strides_and_one_width():
+    neck = SwinFPN(tiny_backbone(), out_channels=32)
+    out = neck(torch.rand(2, 3, 70, 100))
+    assert list(out) == ["0", "1", "2", "3", "pool"]
+    assert [tuple(v.shape[-2:]) for v in out.values()] == [(18, 25), (9, 13), (5, 7), (3, 4), (2, 2)]
+    assert {v.shape[1] for v in out.values()} == {32} and neck.out_channels == 32
+
+
+def test_fpn_needs_the_dense_outputs():
+    with pytest.raises(ValueError, match="out_indices"):
+        SwinFPN(build_swin("custom", **TINY, num_classes=None))
+
+
+def test_swin_t_mask_rcnn_has_the_papers_48m_parameters():
+    with torch.device("meta"):
+        model = build_detector(build_swin("swin_t", num_classes=None, out_indices=(0, 1, 2, 3)), num_classes=80)
+    count = sum(p.numel() for p in model.parameters())
+    assert isinstance(model, MaskRCNN)
+    assert 47.5e6 < count < 48.5e6, count  # 47.8M; mmdet's Swin-T Mask R-CNN: 47.8M, the paper: 48M
+    assert model.roi_heads.box_predictor.cls_score.out_features == 81  # + background
+
+
+def test_faster_rcnn_without_masks_and_anchor_levels_checked():
+    model = build_detector(tiny_backbone(), 3, masks=False, **HEADS)
+    assert isinstance(model, FasterRCNN) and not isinstance(model, MaskRCNN)
+    with pytest.raises(ValueError, match="one size per pyramid level"):
+        build_detector(tiny_backbone(), 3, anchor_sizes=(32, 64), **HEADS)
+
+
+def test_training_losses_reach_the_backbone_and_keep_the_given_size():
+    small = dict(rpn_post_nms_top_n_train=100, box_batch_size_per_image=32)
+    model = build_detector(tiny_backbone(), 3, train_resize=False, **HEADS, **small).train()
+    images = [torch.rand(3, 80, 120), torch.rand(3, 40, 50)]
+    masks = torch.zeros(1, 80, 120, dtype=torch.uint8)
+    masks[0, 10:40, 20:60] = 1
+    targets = [
+        {"boxes": torch.tensor([[20.0, 10, 60, 40]]), "labels": torch.tensor([2]), "masks": masks},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+         "masks": torch.zeros(0, 40, 50, dtype=torch.uint8)},
+    ]  # fmt: skip
+    resized, _ = model.transform(images, targets)
+    assert resized.image_sizes == [(80, 120), (40, 50)]  # train_resize=False: the datamodule resized already
+    losses = model(images, targets)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_mask", "loss_objectness", "loss_rpn_box_reg"}
+    sum(losses.values()).backward()
+    assert model.backbone.body.patch_embed.proj.weight.grad.abs().sum() > 0
+
+
+def test_evaluation_resizes_and_maps_back_to_the_input_size():
+    model = build_detector(tiny_backbone(), 3, box_score_thresh=0.0, **HEADS).eval()
+    images = [torch.rand(3, 30, 40), torch.rand(3, 200, 100)]
+    resized, _ = model.transform(images)
+    assert resized.image_sizes == [(64, 85), (96, 48)]  # shorter side 64, longer at most 96
+    with torch.no_grad():
+        out = model(images)
+    assert [tuple(o["masks"].shape[-2:]) for o in out] == [(30, 40), (200, 100)]
+    for o, (h, w) in zip(out, [(30, 40), (200, 100)]):
+        assert len(o["boxes"]) > 0
+        assert o["boxes"][:, 2].max() <= w and o["boxes"][:, 3].max() <= h
