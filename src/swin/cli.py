@@ -50,11 +50,8 @@ class SwinCLI(LightningCLI):
             trainer.default_root_dir = root
             version = run_version(root)
             trainer.logger = [
-                Namespace(
-                    class_path=f"lightning.pytorch.loggers.{name}",
-                    init_args=Namespace(save_dir=root, name="", version=version),
-                )
-                for name in ("TensorBoardLogger", "CSVLogger")
+                Namespace(class_path=class_path, init_args=Namespace(save_dir=root, name="", version=version))
+                for class_path in ("swin.loggers.ResumableCSVLogger", "lightning.pytorch.loggers.TensorBoardLogger")
             ]
 
 

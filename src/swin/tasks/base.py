@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from swin.callbacks import SLURMRequeue
 from swin.models import SwinTransformer, build_swin
 from swin.models.weights import load_pretrained
 
@@ -175,21 +176,21 @@ class BaseTask(LightningModule):
         return build_swin(self.hparams.backbone, **kwargs)
 
     def configure_callbacks(self) -> list[Callback]:
-        """Keep the best checkpoint by ``monitor`` and the last one."""
-        return [
-            ModelCheckpoint(
-                monitor=self.monitor,
-                mode=self.monitor_mode,
-                save_last=True,
-                filename="best-epoch{epoch:03d}-step{step}",
-                auto_insert_metric_name=False,
-            )
-        ]
+        """The best checkpoint by ``monitor``, ``last.ckpt`` at every validation, and SLURM requeue on SIGUSR1."""
+        best = ModelCheckpoint(
+            monitor=self.monitor,
+            mode=self.monitor_mode,
+            filename="best-epoch{epoch:03d}-step{step}",
+            auto_insert_metric_name=False,
+        )
+        # Lightning's save_last refreshes last.ckpt only when a best checkpoint is saved: a second callback does it
+        last = ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+        return [best, last, SLURMRequeue()]
 
     def output_dir(self) -> Path:
-        """The run folder (the loggers' version folder), where predictions are written."""
-        trainer = self.trainer
-        return Path(trainer.log_dir or trainer.default_root_dir)
+        """The run folder (the loggers' version folder), where predictions are written; callable on one rank."""
+        logger = self.trainer.logger  # not trainer.log_dir: that broadcasts, so rank 0 alone could not call it
+        return Path(logger.log_dir if logger is not None and logger.log_dir else self.trainer.default_root_dir)
 
     def gather_objects(self, items: list[Any]) -> list[Any]:
         """Every rank's ``items`` concatenated (in rank order), on every rank; the list itself when not distributed.
