@@ -128,7 +128,7 @@ def test_predict_on_a_folder_names_results_by_file(fitted, monkeypatch):
     folder.mkdir()
     for name, size in (("street.jpg", (50, 40)), ("field.png", (64, 64))):
         Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size, 3), dtype=np.uint8)).save(folder / name)
-    run("predict", config, tmp, monkeypatch, "--ckpt_path", best, "--data.predict_dir", str(folder), name="folder")
+    run("predict", config, tmp, monkeypatch, "--ckpt_path", best, "--data.predict_root", str(folder), name="folder")
     out = tmp / "runs" / "folder" / "version_0" / "predictions"
     results = json.loads((out / "coco_results.json").read_text())
     assert {r["file_name"] for r in results} == {"street.jpg", "field.png"}

@@ -374,7 +374,7 @@ class COCODataModule(LightningDataModule):
         train_images: training image folder, relative to ``root``.
         val_images: validation image folder.
         test_images: test image folder (default: ``val_images``).
-        predict_dir: folder of images to predict on (default: the validation images).
+        predict_root: folder of images to predict on (default: the validation images).
         batch_size: images per device and step.
         num_workers: data loading processes.
         train_sizes: shorter sides the training resize draws from (480-800, step 32 in the recipe).
@@ -396,7 +396,7 @@ class COCODataModule(LightningDataModule):
         train_images: str = "train2017",
         val_images: str = "val2017",
         test_images: str | None = None,
-        predict_dir: str | None = None,
+        predict_root: str | None = None,
         batch_size: int = 2,
         num_workers: int = 4,
         train_sizes: Sequence[int] = tuple(range(480, 801, 32)),
@@ -417,7 +417,7 @@ class COCODataModule(LightningDataModule):
             "val": (val_ann, val_images),
             "test": (test_ann or val_ann, test_images or val_images),
         }
-        self.predict_dir = predict_dir
+        self.predict_root = predict_root
         self.train_sizes = tuple(train_sizes)
         self.max_size = max_size
         self.transform_kwargs = dict(hflip=hflip, crop_prob=crop_prob, crop_resize=crop_resize, crop_size=crop_size)
@@ -497,7 +497,7 @@ class COCODataModule(LightningDataModule):
             self.datasets["test"] = self._dataset("test", train=False)
         if stage == "predict":
             self.datasets["predict"] = (
-                ImageFiles(self.predict_dir) if self.predict_dir else self._dataset("val", train=False)
+                ImageFiles(self.predict_root) if self.predict_root else self._dataset("val", train=False)
             )
 
     def _loader(self, split: str, shuffle: bool = False) -> DataLoader:

@@ -7,6 +7,11 @@ detection / segmentation backbone does.
 Tokens travel as (B, H, W, C). Inside each block the map is padded (right / bottom) to a window multiple, the
 shift mask is computed on the padded grid, and the result is cropped back; PatchMerging pads odd sizes. Where the
 padded map is no larger than the window in a dimension there is no shift in that dimension.
+
+Speed (see docs/benchmarks.md): on CPU the linear layers run through oneDNN (``torch.ops.mkldnn``), which beats the
+default BLAS and fuses the MLP's GELU at inference; the cyclic shift, padding and window partition are one token
+gather each way; attention is 4-D ``scaled_dot_product_attention`` so that CPU inference gets the flash kernel; the
+relative position bias plus shift mask is cached while no gradient is needed. Numerics match the official model.
 """
 
 from __future__ import annotations
@@ -47,9 +52,10 @@ MASK_VALUE = -100.0
 @functools.lru_cache(maxsize=32)
 def relative_position_index(window: int, device: torch.device | None = None) -> Tensor:
     """(N, N) index into the (2M-1)² bias table for every token pair of an M×M window (N = M²)."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
-    return (rel[..., 0] * (2 * window - 1) + rel[..., 1]).to(device)
+    with torch.inference_mode(False):  # cached: must stay usable by autograd after an inference-mode first call
+        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)
+        return (rel[..., 0] * (2 * window - 1) + rel[..., 1]).to(device)
 
 
 def _regions(size: int, window: int, shift: int) -> Tensor:
@@ -66,10 +72,11 @@ def shift_mask(
     height: int, width: int, window: int, shift: tuple[int, int], device: torch.device | None = None
 ) -> Tensor:
     """(nW, N, N) additive mask: 0 between tokens of one region, -100 between regions (padded grid, row-major)."""
-    ids = _regions(height, window, shift[0])[:, None] * 3 + _regions(width, window, shift[1])[None, :]
-    ids = window_partition(ids[None, :, :, None], window).squeeze(-1)  # (nW, N)
-    mask = (ids[:, :, None] != ids[:, None, :]).float() * MASK_VALUE
-    return mask.to(device)
+    with torch.inference_mode(False):  # cached, as above
+        ids = _regions(height, window, shift[0])[:, None] * 3 + _regions(width, window, shift[1])[None, :]
+        ids = window_partition(ids[None, :, :, None], window).squeeze(-1)  # (nW, N)
+        mask = (ids[:, :, None] != ids[:, None, :]).float() * MASK_VALUE
+        return mask.to(device)
 
 
 def window_partition(x: Tensor, window: int) -> Tensor:
@@ -93,6 +100,182 @@ def window_geometry(height: int, width: int, window: int, shifted: bool) -> tupl
         return pad_h, pad_w, (0, 0)
     half = window // 2
     return pad_h, pad_w, (0 if pad_h <= window else half, 0 if pad_w <= window else half)
+
+
+def window_index(
+    height: int, width: int, window: int, pad: tuple[int, int], shift: tuple[int, int], device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """Token permutations of a block, as flat indices: padded raster → shifted windows, and back.
+
+    ``tokens.index_select(1, fwd)`` on the padded (B, H'·W', C) map equals roll(-shift) then window partition;
+    ``windows.index_select(1, inv)`` on (B, nW·M², C) equals window reverse and roll(+shift); ``inv`` is cropped
+    to the unpadded H × W raster (so it is the inverse of ``fwd`` only without padding).
+    """
+    pad_h, pad_w = pad
+    grid = torch.arange(pad_h * pad_w, device=device).view(1, pad_h, pad_w, 1)
+    if shift != (0, 0):
+        grid = torch.roll(grid, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    fwd = window_partition(grid, window).flatten()
+    inv = window_reverse(torch.arange(fwd.numel(), device=device).view(-1, window * window, 1), window, pad_h, pad_w)
+    if shift != (0, 0):
+        inv = torch.roll(inv, shifts=shift, dims=(1, 2))
+    return fwd, inv[0, :height, :width].flatten()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Linear layers through oneDNN on CPU
+# ---------------------------------------------------------------------------------------------------------------
+
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _use_onednn(x: Tensor) -> bool:
+    """CPU tensors, outside tracing and ONNX export (which should see plain ``F.linear``)."""
+    return _ONEDNN and x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
+
+
+# Custom ops, so that torch.compile keeps them as opaque calls (Inductor only lowers oneDNN linears on frozen weights).
+@torch.library.custom_op("swin::onednn_linear", mutates_args=())
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
+    """x @ weightᵀ + bias, then exact GELU when ``gelu``, with oneDNN's kernel (``weight`` may be a strided view)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
+
+
+@_onednn_linear.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("swin::onednn_linear_add", mutates_args=())
+def _onednn_linear_add(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor) -> Tensor:
+    """residual + x @ weightᵀ + bias, the add fused into oneDNN's kernel (inference only: no backward)."""
+    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
+
+
+@_onednn_linear_add.register_fake
+def _(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor) -> Tensor:
+    return torch.empty_like(residual)
+
+
+@torch.library.custom_op("swin::onednn_mm", mutates_args=())
+def _onednn_mm(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for 2-D fp32 tensors through oneDNN, with the wider side as its output features (its fast case)."""
+    if b.shape[1] >= a.shape[0]:
+        return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(b.t(), a, None, "none", [], "").t().contiguous()
+
+
+@_onednn_mm.register_fake
+def _(a: Tensor, b: Tensor) -> Tensor:
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+def _onednn_linear_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    x, weight, bias, gelu = inputs
+    if gelu:
+        raise RuntimeError("the fused GELU has no backward: call linear(..., gelu=True), which splits it")
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias = bias is not None
+
+
+def _onednn_linear_backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
+    """fp32 matmuls through oneDNN too (ATen's bf16 matmuls already are)."""
+    x, weight = ctx.saved_tensors
+    grad2d = grad.reshape(-1, grad.shape[-1])
+    fp32 = grad.dtype == torch.float32
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _onednn_linear(grad, weight.t(), None, False) if fp32 else grad @ weight
+    if ctx.needs_input_grad[1]:
+        x2d = x.reshape(-1, x.shape[-1])
+        grad_w = _onednn_mm(grad2d.t(), x2d) if fp32 else grad2d.t() @ x2d
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = grad2d.sum(0)
+    return grad_x, grad_w, grad_b, None
+
+
+_onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_linear_setup)
+
+
+def linear(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, gelu: bool = False, residual: Tensor | None = None
+) -> Tensor:
+    """``F.linear``, then exact GELU when ``gelu``, then ``residual +``; with CPU autocast semantics.
+
+    On CPU in fp32 / bf16 it runs through oneDNN, several times faster than the default BLAS on AVX-512 machines
+    (and faster than ATen's bf16 ``addmm`` with bias); without autograd the GELU or the residual add is fused into
+    the matmul.
+    """
+    if _use_onednn(x):
+        if torch.is_autocast_enabled("cpu"):
+            dtype = torch.get_autocast_dtype("cpu")
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+        if x.dtype in _ONEDNN_DTYPES and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
+            grad = torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, weight, bias, residual)
+            )
+            if not grad and residual is not None and residual.dtype == x.dtype and not gelu:
+                return _onednn_linear_add(x, weight, bias, residual)
+            y = _onednn_linear(x, weight, bias, gelu and not grad)
+            y = F.gelu(y) if gelu and grad else y
+            return residual + y if residual is not None else y
+    y = F.linear(x, weight, bias)
+    y = F.gelu(y) if gelu else y
+    return residual + y if residual is not None else y
+
+
+def gather_tokens(x: Tensor, index: Tensor, inverse: Tensor | None = None) -> Tensor:
+    """``x.index_select(1, index)``; give ``inverse`` when ``index`` is a permutation, for a gather-only backward."""
+    return x.index_select(1, index) if inverse is None else _TokenGather.apply(x, index, inverse)
+
+
+class _TokenGather(torch.autograd.Function):
+    """``x.index_select(1, index)`` for a permutation ``index``: the backward gathers by ``inverse`` (no scatter)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` whose forward is :func:`linear` (same parameters, state dict and numerics).
+
+    While autograd is off on CPU it keeps its weights cast and packed in oneDNN's layout (one copy, rebuilt when a
+    parameter changes, dropped by ``train()``), saving the per-call cast and reorder.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._packed: tuple | None = None
+
+    def train(self, mode: bool = True) -> Linear:
+        self._packed = None
+        return super().train(mode)
+
+    def _inference_weights(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        weight, bias = self.weight, self.bias
+        if not _use_onednn(x) or torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return weight, bias
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        if dtype not in _ONEDNN_DTYPES or weight.dtype not in _ONEDNN_DTYPES:
+            return weight, bias
+        key = (weight.data_ptr(), weight._version, -1 if bias is None else bias._version, dtype)
+        if self._packed is None or self._packed[0] != key:
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), x.numel() // x.shape[-1])
+            self._packed = (key, packed, None if bias is None else bias.to(dtype))
+        return self._packed[1], self._packed[2]
+
+    def forward(self, x: Tensor, gelu: bool = False, residual: Tensor | None = None) -> Tensor:
+        """:func:`linear` of ``x`` (``gelu`` and ``residual`` as there)."""
+        return linear(x, *self._inference_weights(x), gelu=gelu, residual=residual)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -143,10 +326,11 @@ class WindowAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.fused = fused
         self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self._bias_cache: tuple | None = None
         nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def relative_position_bias(self) -> Tensor:
@@ -155,27 +339,47 @@ class WindowAttention(nn.Module):
         index = relative_position_index(self.window_size, self.relative_position_bias_table.device)
         return self.relative_position_bias_table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def attention_bias(self, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """(nW or 1, nH, N, N) relative position bias plus shift mask; cached while autograd is off."""
+        table = self.relative_position_bias_table
+        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        if cacheable:
+            key = (table.data_ptr(), table._version, dtype)
+            if self._bias_cache is not None and self._bias_cache[0] == key and self._bias_cache[1] is mask:
+                return self._bias_cache[2]
+        bias = self.relative_position_bias().unsqueeze(0)
+        bias = (bias + mask.unsqueeze(1) if mask is not None else bias).to(dtype).contiguous()
+        if cacheable:
+            self._bias_cache = (key, mask, bias)
+        return bias
+
+    def attend(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Attention of windows (B·nW, N, C) before the output projection.
+
+        SDPA runs 4-D (so CPU fp32 inference gets its flash kernel). On CPU SDPA has only its slower math path
+        where the bias needs a gradient, and its flash kernel loses to two bf16 matmuls at N = 49: there the
+        explicit softmax runs, whatever ``fused`` says.
+        """
         bw, n, c = x.shape
-        bias = self.relative_position_bias()  # (nH, N, N)
-        if mask is not None:
-            num_windows = mask.shape[0]
-            bias = bias.unsqueeze(0) + mask.unsqueeze(1)  # (nW, nH, N, N)
-        else:
-            num_windows = 1
-            bias = bias.unsqueeze(0)
-        qkv = self.qkv(x).view(bw // num_windows, num_windows, n, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # (B, nW, nH, N, hd)
-        bias = bias.to(q.dtype)
-        if self.fused:
+        qkv = self.qkv(x).view(bw, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B·nW, nH, N, hd), views
+        bias = self.attention_bias(mask, q.dtype)  # (nW, nH, N, N)
+        num_windows = bias.shape[0]
+        cpu_sdpa = q.dtype == torch.float32 and not bias.requires_grad
+        if self.fused and (q.device.type != "cpu" or cpu_sdpa):
+            if num_windows > 1:  # 4-D SDPA needs the mask per batch entry
+                bias = bias.expand(bw // num_windows, -1, -1, -1, -1).reshape(bw, *bias.shape[1:])
             drop = self.attn_drop if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
         else:
-            attn = (q * self.scale) @ k.transpose(-2, -1) + bias
-            attn = F.dropout(attn.softmax(dim=-1), self.attn_drop, self.training)
-            out = attn @ v
-        out = out.transpose(2, 3).reshape(bw, n, c)
-        return self.proj_drop(self.proj(out))
+            q, k, v = (t.view(bw // num_windows, num_windows, *t.shape[1:]) for t in (q, k, v))
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).add_(bias)
+            attn = attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype)  # bf16: as autocast's fp32 softmax
+            out = (F.dropout(attn, self.attn_drop, self.training) @ v).flatten(0, 1)
+        return out.transpose(1, 2).reshape(bw, n, c)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        return self.proj_drop(self.proj(self.attend(x, mask)))
 
 
 class Mlp(nn.Module):
@@ -183,13 +387,19 @@ class Mlp(nn.Module):
 
     def __init__(self, dim: int, hidden_dim: int, drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.fc1 = Linear(dim, hidden_dim)
         self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.fc2 = Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
 
+    def hidden(self, x: Tensor) -> Tensor:
+        """dropout(GELU(fc1(x))), the GELU fused into the matmul where :func:`linear` can."""
+        if isinstance(self.fc1, Linear) and type(self.act) is nn.GELU and self.act.approximate == "none":
+            return self.drop(self.fc1(x, gelu=True))
+        return self.drop(self.act(self.fc1(x)))
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        return self.drop(self.fc2(self.hidden(x)))
 
 
 class SwinBlock(nn.Module):
@@ -217,23 +427,30 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
+    def _fusable(self) -> bool:
+        """Whether the residual adds can go into the projections: dropouts and drop path are identities."""
+        identity = not self.training or self.drop_path.p == self.attn.proj_drop.p == self.mlp.drop.p == 0
+        return identity and isinstance(self.attn.proj, Linear) and isinstance(self.mlp.fc2, Linear)
+
     def forward(self, x: Tensor) -> Tensor:
-        _, h, w, _ = x.shape
+        b, h, w, c = x.shape
         ws = self.window_size
         pad_h, pad_w, shift = window_geometry(h, w, ws, self.shifted)
+        padded = pad_h != h or pad_w != w
         y = self.norm1(x)
-        if pad_h != h or pad_w != w:
+        if padded:
             y = F.pad(y, (0, 0, 0, pad_w - w, 0, pad_h - h))
-        shifted = shift != (0, 0)
-        if shifted:
-            y = torch.roll(y, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-        mask = shift_mask(pad_h, pad_w, ws, shift, y.device) if shifted else None
-        y = window_reverse(self.attn(window_partition(y, ws), mask), ws, pad_h, pad_w)
-        if shifted:
-            y = torch.roll(y, shifts=shift, dims=(1, 2))
-        if pad_h != h or pad_w != w:
-            y = y[:, :h, :w, :]
-        x = x + self.drop_path(y)
+        mask = shift_mask(pad_h, pad_w, ws, shift, y.device) if shift != (0, 0) else None
+        fwd, inv = window_index(h, w, ws, (pad_h, pad_w), shift, y.device)
+        # roll and partition as one gather, and back (the way back crops the padding: then not a permutation);
+        # the output projection is per token, so it runs after the way back, fused with the residual add
+        windows = gather_tokens(y.reshape(b, pad_h * pad_w, c), fwd, None if padded else inv)
+        y = self.attn.attend(windows.view(-1, ws * ws, c), mask).view(b, -1, c)
+        y = gather_tokens(y, inv, None if padded else fwd).view(b, h, w, c)
+        if self._fusable():
+            x = self.attn.proj(y, residual=x.contiguous())  # x + proj(y)
+            return self.mlp.fc2(self.mlp.hidden(self.norm2(x)), residual=x)
+        x = x + self.drop_path(self.attn.proj_drop(self.attn.proj(y)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
@@ -243,7 +460,7 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.norm = nn.LayerNorm(4 * dim)
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.reduction = Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         _, h, w, _ = x.shape
@@ -387,7 +604,7 @@ class SwinTransformer(nn.Module):
         )
         if num_classes is not None:
             self.norm = nn.LayerNorm(self.num_features)
-            self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+            self.head = Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         else:
             self.norm = None
             self.head = None

@@ -1,0 +1,605 @@
+"""Side-by-side speed of this project's Swin backbone against timm's and torchvision's (``python -m swin.bench``).
+
+All models of a case live in one process and are timed in alternating runs (A B C, C B A, ...); the reported
+img/s is the median over repeats and each ratio is the median of the per-repeat ratios, so load drifting on a
+shared machine moves all models alike. Cases: inference and training step (forward, backward, AdamW step), fp32
+and bf16 autocast, eager and ``torch.compile``; plus peak memory, a resolution sweep (time per pixel) and a GEMM
+roofline. Writes ``bench.json`` and ``bench.png`` into ``--out``. Peers are optional: a peer that cannot be
+imported is skipped with a note (timm is only a test dependency of this package).
+
+Memory: on CUDA ``torch.cuda.max_memory_allocated`` above the steady state (weights, optimizer state). On CPU the
+peak resident set size above the steady state, read from ``/proc/self/status`` (VmHWM, reset through
+``/proc/self/clear_refs``) in a child process started with ``MALLOC_MMAP_THRESHOLD_=65536`` so that every tensor
+buffer is mapped and returned to the system when freed: the resident size then follows the live tensors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import importlib
+import json
+import math
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from swin.models.swin import VARIANTS, build_swin, count_flops
+
+# Extra architectures for quick runs and tests (not published variants).
+BENCH_VARIANTS: dict[str, dict] = {
+    "micro": dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4, drop_path_rate=0.1),
+}
+OURS = "ours"
+PEERS = ("timm", "torchvision")
+TIMM_SDPA = "timm-sdpa"  # timm with its experimental fused attention switched on (not its default)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def architecture(variant: str) -> dict:
+    """embed_dim, depths, num_heads, window_size and drop_path_rate of a variant name."""
+    key = variant.lower()
+    arch = {**VARIANTS, **BENCH_VARIANTS}.get(key)
+    if arch is None:
+        raise ValueError(f"unknown variant {variant!r}; choose one of {sorted({**VARIANTS, **BENCH_VARIANTS})}")
+    return {"window_size": 7, **arch}
+
+
+def _build_ours(arch: dict, img_size: int, grad_checkpointing: bool = False) -> nn.Module:
+    return build_swin("custom", **arch, num_classes=1000, grad_checkpointing=grad_checkpointing)
+
+
+def _build_timm(arch: dict, img_size: int, fused_attn: bool = False) -> nn.Module:
+    swin = importlib.import_module("timm.models.swin_transformer")
+    model = swin.SwinTransformer(
+        img_size=img_size,
+        patch_size=4,
+        embed_dim=arch["embed_dim"],
+        depths=arch["depths"],
+        num_heads=arch["num_heads"],
+        window_size=arch["window_size"],
+        drop_path_rate=arch["drop_path_rate"],
+        num_classes=1000,
+    )
+    if fused_attn:
+        for module in model.modules():
+            if hasattr(module, "fused_attn"):
+                module.fused_attn = True
+    return model
+
+
+def _build_torchvision(arch: dict, img_size: int) -> nn.Module:
+    swin = importlib.import_module("torchvision.models.swin_transformer")
+    return swin.SwinTransformer(
+        patch_size=[4, 4],
+        embed_dim=arch["embed_dim"],
+        depths=list(arch["depths"]),
+        num_heads=list(arch["num_heads"]),
+        window_size=[arch["window_size"]] * 2,
+        stochastic_depth_prob=arch["drop_path_rate"],
+        num_classes=1000,
+    )
+
+
+BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    OURS: _build_ours,
+    "timm": _build_timm,
+    TIMM_SDPA: lambda arch, img_size: _build_timm(arch, img_size, fused_attn=True),
+    "torchvision": _build_torchvision,
+}
+
+
+def available_models(peers: Sequence[str]) -> tuple[list[str], list[str]]:
+    """Our model plus the importable peers, and a note for each peer skipped."""
+    names, notes = [OURS], []
+    for peer in peers:
+        if peer not in BUILDERS or peer == OURS:
+            raise ValueError(f"unknown peer {peer!r}; choose from {sorted(set(BUILDERS) - {OURS})}")
+        module = "timm" if peer.startswith("timm") else peer
+        try:
+            importlib.import_module(module)
+        except ImportError as err:
+            notes.append(f"{peer} skipped: {module} cannot be imported ({err})")
+            continue
+        names.append(peer)
+    return names, notes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Steps and timing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise ValueError(f"unknown precision {precision!r}; choose fp32 or bf16")
+
+
+def make_step(model: nn.Module, mode: str, precision: str, x: Tensor, target: Tensor) -> Callable[[], None]:
+    """One inference forward, or one training step (forward, cross-entropy, backward, AdamW step)."""
+    if mode == "infer":
+        model.eval()
+
+        def infer() -> None:
+            with torch.inference_mode(), _autocast(x.device, precision):
+                model(x)
+
+        return infer
+    if mode != "train":
+        raise ValueError(f"unknown mode {mode!r}; choose infer or train")
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def train() -> None:
+        with _autocast(x.device, precision):
+            loss = F.cross_entropy(model(x).float(), target)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return train
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_alternating(
+    steps: dict[str, Callable[[], None]], device: torch.device, repeats: int, min_time: float, clock: str = "wall"
+) -> dict[str, list[float]]:
+    """Seconds per call of each step: warm-up (compiles), then ``repeats`` rounds alternating the order.
+
+    ``clock="cpu"`` counts the process's CPU time instead of wall time: with one thread on a shared machine it
+    leaves out the time other processes hold the core.
+    """
+    now = CLOCKS[clock]
+    iters = {}
+    for name, step in steps.items():
+        step()
+        _sync(device)
+        start = now()
+        step()
+        _sync(device)
+        iters[name] = max(1, math.ceil(min_time / max(now() - start, 1e-9)))
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    names = list(steps)
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            _sync(device)
+            start = now()
+            for _ in range(iters[name]):
+                steps[name]()
+            _sync(device)
+            times[name].append((now() - start) / iters[name])
+    return times
+
+
+def _cpu_name() -> str:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    names = re.findall(r"model name\s*:\s*(.+)", info)
+    return f"{names[0]} ({len(names)} cores)" if names else platform.machine()
+
+
+def _load() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def _inputs(batch: int, size: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=generator).to(device)
+    return x, torch.randint(0, 1000, (batch,), generator=generator).to(device)
+
+
+def run_case(
+    names: list[str], arch: dict, mode: str, precision: str, compiled: bool, batch: int, size: int,
+    device: torch.device, repeats: int, min_time: float, clock: str = "wall",
+) -> dict:
+    """Time every model on one case; img/s medians and paired ratios of ours to each peer (>1: ours faster)."""
+    x, target = _inputs(batch, size, device)
+    load_before = _load()
+    steps = {}
+    for name in names:
+        torch.manual_seed(0)
+        model = BUILDERS[name](arch, size).to(device)
+        steps[name] = make_step(torch.compile(model) if compiled else model, mode, precision, x, target)
+    times = time_alternating(steps, device, repeats, min_time, clock)
+    result = {
+        "mode": mode, "precision": precision, "compiled": compiled, "batch": batch, "size": size,
+        "load": [load_before, _load()],
+        "models": {name: {"sec": t, "img_s": batch / statistics.median(t)} for name, t in times.items()},
+        "ratio": {
+            name: statistics.median(p / o for p, o in zip(times[name], times[OURS])) for name in names if name != OURS
+        },
+    }
+    with torch.device("meta"):
+        macs = count_flops(build_swin("custom", **arch, num_classes=1000), size)
+    flops = 2 * macs * (3 if mode == "train" else 1)  # a training step: forward + twice its cost backward
+    result["models"][OURS]["gflop_s"] = flops * result["models"][OURS]["img_s"] / 1e9
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _rss_kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def peak_memory_mb(step: Callable[[], None], device: torch.device) -> float | None:
+    """Peak memory of one call above the state before it (run the step once before, so it is steady)."""
+    step()
+    _sync(device)
+    if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
+    except OSError:
+        return None
+    before = _rss_kib("VmRSS")
+    step()
+    return (_rss_kib("VmHWM") - before) / 2**10
+
+
+def memory_table(
+    names: list[str], arch: dict, modes: Sequence[str], precisions: Sequence[str], batch: int, size: int,
+    device: torch.device,
+) -> list[dict]:
+    """Peak memory per model, mode and precision (eager); ours also with gradient checkpointing when training."""
+    x, target = _inputs(batch, size, device)
+    rows = []
+    for mode in modes:
+        for precision in precisions:
+            variants = [(name, False) for name in names] + ([(OURS, True)] if mode == "train" else [])
+            for name, ckpt in variants:
+                torch.manual_seed(0)
+                model = (_build_ours(arch, size, ckpt) if name == OURS else BUILDERS[name](arch, size)).to(device)
+                mb = peak_memory_mb(make_step(model, mode, precision, x, target), device)
+                label = f"{name}+checkpointing" if ckpt else name
+                rows.append({"mode": mode, "precision": precision, "model": label, "peak_mb": mb})
+                del model
+    return rows
+
+
+def _memory_child() -> None:
+    spec = json.loads(sys.argv[1])
+    torch.set_num_threads(spec.pop("threads"))
+    spec["arch"]["depths"], spec["arch"]["num_heads"] = tuple(spec["arch"]["depths"]), tuple(spec["arch"]["num_heads"])
+    print(json.dumps(memory_table(**spec, device=torch.device("cpu"))))
+
+
+def memory_cpu(names: list[str], arch: dict, modes, precisions, batch: int, size: int) -> list[dict]:
+    """:func:`memory_table` in a child process whose allocator returns every freed tensor buffer to the system."""
+    spec = dict(names=names, arch=arch, modes=list(modes), precisions=list(precisions), batch=batch, size=size)
+    spec["threads"] = torch.get_num_threads()
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+    code = "import swin.bench as b; b._memory_child()"
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"memory probe failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resolution sweep and roofline
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def sweep(
+    names: list[str], arch: dict, sizes: Sequence[int], precision: str, batch: int, device: torch.device,
+    repeats: int, min_time: float, clock: str = "wall",
+) -> list[dict]:
+    """Inference time per pixel at each size (eager), every model and size alternating in one timing loop.
+
+    ``per_pixel_vs_first`` is the time per pixel relative to the first size: 1 for a cost linear in pixels.
+    """
+    steps, load_before = {}, _load()
+    for name in names:
+        model = None
+        for size in sizes:
+            if model is None or name != OURS:  # timm builds its masks for one input size
+                torch.manual_seed(0)
+                model = BUILDERS[name](arch, size).to(device)
+            x, target = _inputs(batch, size, device)
+            steps[(name, size)] = make_step(model, "infer", precision, x, target)
+    times = time_alternating(steps, device, repeats, min_time, clock)
+    load = [load_before, _load()]
+    rows = [
+        {
+            "model": name, "size": size, "precision": precision, "load": load,
+            "ns_per_pixel": 1e9 * statistics.median(t) / (batch * size * size),
+            "per_pixel_vs_first": statistics.median(
+                a / b * sizes[0] ** 2 / size**2 for a, b in zip(t, times[(name, sizes[0])])
+            ),
+        }
+        for (name, size), t in times.items()
+    ]
+    return rows
+
+
+def profile_ops(
+    names: list[str], arch: dict, mode: str, precision: str, batch: int, size: int, device: torch.device, top: int = 10
+) -> dict[str, list[dict]]:
+    """torch.profiler's top operators by self time, per model, over two steps (after a warm-up step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    x, target = _inputs(batch, size, device)
+    tables = {}
+    for name in names:
+        torch.manual_seed(0)
+        step = make_step(BUILDERS[name](arch, size).to(device), mode, precision, x, target)
+        step()
+        _sync(device)
+        with profile(activities=activities) as prof:
+            step()
+            step()
+            _sync(device)
+        events = sorted(prof.key_averages(), key=lambda e: -getattr(e, attr))
+        total = sum(getattr(e, attr) for e in events)
+        tables[name] = [
+            {"op": e.key, "ms_per_step": getattr(e, attr) / 2e3, "share": getattr(e, attr) / total, "calls": e.count // 2}
+            for e in events[:top]
+        ]
+    return tables
+
+
+def gemm_roofline(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> float:
+    """Best GFLOP/s of an n×n×n matmul (the default BLAS and, on CPU, oneDNN)."""
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    kernels = [lambda: a @ b]
+    if device.type == "cpu" and torch.backends.mkldnn.is_available():
+        kernels.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+    best = 0.0
+    for kernel in kernels:
+        kernel()
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            kernel()
+            _sync(device)
+            best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def case_label(case: dict) -> str:
+    return f"{case['mode']} {case['precision']}{' compiled' if case['compiled'] else ''}"
+
+
+def plot(report: dict, path: Path) -> None:
+    """Bar chart of img/s per case and model; time per pixel against resolution."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cases, names = report["cases"], report["models"]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    width = 0.8 / max(1, len(names))
+    for i, name in enumerate(names):
+        values = [c["models"].get(name, {}).get("img_s", 0.0) for c in cases]
+        axes[0].bar([j + i * width for j in range(len(cases))], values, width, label=name)
+    axes[0].set_xticks([j + width * (len(names) - 1) / 2 for j in range(len(cases))])
+    axes[0].set_xticklabels([case_label(c) for c in cases], rotation=20, ha="right")
+    axes[0].set_ylabel("images / s")
+    axes[0].set_title(f"{report['variant']}, batch {report['batch']}, {report['size']}², {report['device_name']}")
+    axes[0].legend()
+    for name in names:
+        rows = [r for r in report["sweep"] if r["model"] == name]
+        if rows:
+            axes[1].plot([r["size"] for r in rows], [r["ns_per_pixel"] for r in rows], marker="o", label=name)
+    axes[1].set_xlabel("image side (px)")
+    axes[1].set_ylabel("inference ns / pixel")
+    axes[1].set_ylim(bottom=0)
+    axes[1].set_title("time per pixel (flat = linear cost)")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(report: dict) -> str:
+    """The report's tables in Markdown: speed per case, peak memory, time per pixel."""
+    names, peers = report["models"], [n for n in report["models"] if n != OURS]
+    lines = [
+        f"`{report['command']}` — {report['variant']}, batch {report['batch']}, {report['size']}², "
+        f"{report['device_name']}, {report['threads']} threads, torch {report['torch']}, {report['clock']} clock",
+        "",
+        "| case | " + " | ".join(f"{n} img/s" for n in names) + " | " + " | ".join(f"ours ÷ {p}" for p in peers)
+        + " | ours GFLOP/s | load (1 min) |",
+        "|---" * (len(names) + len(peers) + 3) + "|",
+    ]
+    for c in report["cases"]:
+        speeds = " | ".join(f"{c['models'][n]['img_s']:.1f}" for n in names)
+        ratios = " | ".join(f"×{c['ratio'][p]:.2f}" for p in peers)
+        load = "–".join(f"{v:.1f}" for v in c["load"] if v is not None)
+        lines.append(f"| {case_label(c)} | {speeds} | {ratios} | {c['models'][OURS]['gflop_s']:.0f} | {load} |")
+    if report["memory"]:
+        lines += ["", "| peak memory above the steady state (weights, optimizer) | model | MB |", "|---|---|---|"]
+        for r in report["memory"]:
+            mb = "n/a" if r["peak_mb"] is None else f"{r['peak_mb']:.1f}"
+            lines.append(f"| {r['mode']} {r['precision']} | {r['model']} | {mb} |")
+    if report["sweep"]:
+        sizes = sorted({r["size"] for r in report["sweep"]})
+        lines += ["", "| ns / pixel (÷ first size) | " + " | ".join(f"{s}²" for s in sizes) + " |"]
+        lines.append("|---" * (len(sizes) + 1) + "|")
+        for name in names:
+            rows = {r["size"]: r for r in report["sweep"] if r["model"] == name}
+            cells = " | ".join(
+                f"{rows[s]['ns_per_pixel']:.1f} (×{rows[s]['per_pixel_vs_first']:.2f})" if s in rows else "" for s in sizes
+            )
+            lines.append(f"| {name} | {cells} |")
+    for name, rows in report.get("profile", {}).items():
+        lines += ["", f"| {name}: top ops ({report['profile_case']}) | ms / step | share | calls |", "|---|---|---|---|"]
+        lines += [f"| `{r['op']}` | {r['ms_per_step']:.1f} | {100 * r['share']:.1f}% | {r['calls']} |" for r in rows]
+    lines += [f"\n**{e}**" for e in report["errors"]]
+    lines += ["", "GEMM roofline: " + ", ".join(f"{p} {g:.0f} GFLOP/s" for p, g in report["roofline_gflop_s"].items())]
+    return "\n".join(lines) + "\n"
+
+
+def _csv(value: str) -> list[str]:
+    return [v for v in value.split(",") if v]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m swin.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", default="swin_t", help="swin_t, swin_s, swin_b, swin_l or micro")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=224, help="side of the square input of the main cases")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--modes", type=_csv, default=["infer", "train"], help="infer,train")
+    parser.add_argument("--precisions", type=_csv, default=None, help="fp32,bf16 (CUDA default: bf16)")
+    parser.add_argument(
+        "--compile", type=_csv, nargs="?", const=["infer"], default=[],
+        help="also time torch.compile for these modes (flag alone: infer)",
+    )
+    parser.add_argument("--sizes", type=_csv, default=None, help="sweep sides, e.g. 224,448,672,896; 'none' skips")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--min-time", type=float, default=None, help="seconds per timed sample (default 1; quick 0)")
+    parser.add_argument("--peers", type=_csv, default=list(PEERS), help=f"from {sorted(set(BUILDERS) - {OURS})}")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall",
+        help="wall time, or process CPU time (robust on a busy machine with --threads 1)",
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory table")
+    parser.add_argument("--profile", action="store_true", help="torch.profiler top ops per model (first mode)")
+    parser.add_argument("--out", type=Path, default=Path("bench"))
+    parser.add_argument("--quick", action="store_true", help="2 repeats, short samples, sweep of 2 sizes")
+    args = parser.parse_args(argv)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    args.precisions = args.precisions or (["bf16"] if cuda else ["fp32", "bf16"])
+    if args.sizes is None:
+        args.sizes = [args.image_size, 2 * args.image_size] if args.quick else [224, 448, 672, 896]
+    args.sizes = [] if args.sizes == ["none"] else [int(s) for s in args.sizes]
+    if args.quick:
+        args.repeats = min(args.repeats, 2)
+    if args.min_time is None:
+        args.min_time = 0.0 if args.quick else (0.5 if cuda else 1.0)
+    return args
+
+
+def _section(report: dict, label: str, run: Callable[[], None], save: Callable[[], None]) -> None:
+    """Run one part of the benchmark; a failure (e.g. out of memory) is reported and the other parts still run."""
+    try:
+        run()
+    except Exception as err:  # noqa: BLE001 - keep what the other parts measured
+        message = f"{label} failed: {type(err).__name__}: {err}"
+        print(message, file=sys.stderr, flush=True)
+        report["errors"].append(message)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    save()
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    arch = architecture(args.variant)
+    names, notes = available_models(args.peers)
+    for note in notes:
+        print(note, file=sys.stderr)
+    report = {
+        "variant": args.variant, "batch": args.batch_size, "size": args.image_size, "device": args.device,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "models": names, "notes": notes,
+        "timm_fused_attn_env": os.environ.get("TIMM_FUSED_ATTN"), "repeats": args.repeats, "clock": args.clock,
+        "command": "python -m swin.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+        "roofline_gflop_s": {}, "cases": [], "memory": [], "sweep": [], "errors": [],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        (args.out / "bench.json").write_text(json.dumps(report, indent=1))
+
+    def roofline() -> None:
+        for p in args.precisions:
+            report["roofline_gflop_s"][p] = gemm_roofline(device, {"fp32": torch.float32, "bf16": torch.bfloat16}[p])
+
+    def case(mode: str, precision: str, compiled: bool) -> None:
+        result = run_case(
+            names, arch, mode, precision, compiled, args.batch_size, args.image_size, device, args.repeats,
+            args.min_time, args.clock,
+        )
+        report["cases"].append(result)
+        ratios = ", ".join(f"{k} ×{v:.2f}" for k, v in result["ratio"].items())
+        speeds = ", ".join(f"{k} {m['img_s']:.1f}" for k, m in result["models"].items())
+        print(f"{case_label(result):>22}: {speeds} img/s | ours vs {ratios} | load {result['load']}", flush=True)
+
+    def memory() -> None:
+        spec = (names, arch, args.modes, args.precisions, args.batch_size, args.image_size)
+        report["memory"] = memory_table(*spec, device) if device.type == "cuda" else memory_cpu(*spec)
+
+    def profile() -> None:
+        mode, precision = args.modes[0], args.precisions[0]
+        report["profile_case"] = f"{mode} {precision}"
+        report["profile"] = profile_ops(names, arch, mode, precision, args.batch_size, args.image_size, device)
+
+    def resolution_sweep() -> None:
+        report["sweep"] = sweep(
+            names, arch, args.sizes, args.precisions[0], args.batch_size, device, args.repeats, args.min_time,
+            args.clock,
+        )
+
+    _section(report, "roofline", roofline, save)
+    for mode in args.modes:
+        for precision in args.precisions:
+            for compiled in (False, True) if mode in args.compile else (False,):
+                label = case_label({"mode": mode, "precision": precision, "compiled": compiled})
+                _section(report, label, functools.partial(case, mode, precision, compiled), save)
+    if not args.no_memory:
+        _section(report, "memory", memory, save)
+    if args.profile:
+        _section(report, "profile", profile, save)
+    if args.sizes:
+        _section(report, "sweep", resolution_sweep, save)
+    (args.out / "bench.md").write_text(markdown(report))
+    plot(report, args.out / "bench.png")
+    print(markdown(report))
+    print(f"wrote bench.json, bench.md and bench.png to {args.out}")
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(1 if main()["errors"] else 0)

@@ -1,0 +1,193 @@
+"""albumentations pipelines for classification, with a RandAugment equivalent of timm's ``rand-m9-mstd0.5-inc1``.
+
+timm's RandAugment (the one the official Swin recipe uses) picks ``num_ops`` operations uniformly with
+replacement; each one runs with probability 0.5 at a magnitude ``m ~ N(9, 0.5)`` clipped to [0, 10]. Here that is
+an ``A.SomeOf(ops, n=2, replace=True)`` of ops with ``p=0.5`` whose arguments are drawn uniformly between the
+values of timm's level functions at ``m_lo, m_hi = clip(9 ∓ √3·0.5, 0, 10)`` (a uniform law with the same mean
+and standard deviation). Ops whose sign timm flips at random are an ``A.OneOf`` of the positive and the negative
+range. The mapping ('inc1': the increasing-severity variants; ``l = m / 10``):
+
+====================  ===============================  ========================================
+timm op               timm argument                    albumentations op
+====================  ===============================  ========================================
+AutoContrast          -                                ``AutoContrast(method="pil")``
+Equalize              -                                ``Equalize(mode="pil")``
+Invert                -                                ``InvertImg``
+Rotate                ±30·l degrees                    ``Affine(rotate=...)``
+PosterizeIncreasing   keep 4 - int(4·l) bits           ``Posterize(num_bits=...)``
+SolarizeIncreasing    invert ≥ 256 - int(256·l)        ``Solarize(threshold_range=.../255)``
+SolarizeAdd           + int(110·l) where < 128         :class:`SolarizeAdd` (below)
+ColorIncreasing       saturation × (1 ± 0.9·l)         ``ColorJitter(saturation=...)``
+ContrastIncreasing    contrast × (1 ± 0.9·l)           ``ColorJitter(contrast=...)``
+BrightnessIncreasing  brightness × (1 ± 0.9·l)         ``ColorJitter(brightness=...)``
+SharpnessIncreasing   PIL sharpness × (1 ± 0.9·l)      :class:`Sharpness` (below)
+ShearX / ShearY       shear factor ±0.3·l              ``Affine(shear=atan(factor) degrees)``
+TranslateXRel / Y     ±0.45·l of the width / height    ``Affine(translate_percent=...)``
+====================  ===============================  ========================================
+
+Geometric ops are bicubic and fill with the ImageNet mean colour, as timm's ``create_transform`` sets them; they
+act about the image centre (timm shears about the corner, which adds a translation).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from albumentations.pytorch import ToTensorV2
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGENET_MEAN_PIXEL = tuple(round(255 * m) for m in IMAGENET_MEAN)
+CROP_PCT = 0.875  # evaluation: resize the shorter side to size / CROP_PCT, then centre crop
+
+
+class SolarizeAdd(A.ImageOnlyTransform):
+    """Add a value drawn from ``addition_range`` to the uint8 pixels below ``threshold`` (PIL/timm SolarizeAdd)."""
+
+    def __init__(self, addition_range: tuple[int, int] = (0, 110), threshold: int = 128, p: float = 0.5):
+        super().__init__(p=p)
+        self.addition_range = addition_range
+        self.threshold = threshold
+
+    def get_params(self) -> dict[str, int]:
+        return {"addition": self.py_random.randint(*self.addition_range)}
+
+    def apply(self, img: np.ndarray, addition: int, **params) -> np.ndarray:
+        added = np.minimum(img.astype(np.int16) + addition, 255).astype(np.uint8)
+        return np.where(img < self.threshold, added, img)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("addition_range", "threshold")
+
+
+class Sharpness(A.ImageOnlyTransform):
+    """PIL's ``ImageEnhance.Sharpness``: blend with a 3×3 smoothed copy; factor < 1 blurs, > 1 sharpens."""
+
+    _SMOOTH = np.array([[1, 1, 1], [1, 5, 1], [1, 1, 1]], np.float32) / 13
+
+    def __init__(self, factor_range: tuple[float, float] = (0.1, 1.9), p: float = 0.5):
+        super().__init__(p=p)
+        self.factor_range = factor_range
+
+    def get_params(self) -> dict[str, float]:
+        return {"factor": self.py_random.uniform(*self.factor_range)}
+
+    def apply(self, img: np.ndarray, factor: float, **params) -> np.ndarray:
+        image = img.astype(np.float32)
+        smooth = image.copy()
+        smooth[1:-1, 1:-1] = cv2.filter2D(image, -1, self._SMOOTH)[1:-1, 1:-1]  # PIL keeps the border pixels
+        return np.clip(smooth + factor * (image - smooth) + 0.5, 0, 255).astype(np.uint8)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("factor_range",)
+
+
+def _signed(make: Callable[[tuple[float, float]], A.BasicTransform], lo: float, hi: float, p: float) -> A.OneOf:
+    """``make((lo, hi))`` or ``make((-hi, -lo))`` with equal chance: timm's random negation of an op's argument."""
+    return A.OneOf([make((lo, hi)), make((-hi, -lo))], p=p)
+
+
+def rand_augment(
+    magnitude: float = 9.0,
+    magnitude_std: float = 0.5,
+    num_ops: int = 2,
+    op_prob: float = 0.5,
+    fill: tuple[int, ...] = IMAGENET_MEAN_PIXEL,
+) -> A.SomeOf:
+    """The RandAugment equivalent of timm's ``rand-m{magnitude}-mstd{magnitude_std}-inc1`` (module docstring)."""
+    spread = math.sqrt(3) * magnitude_std
+    lo, hi = max(0.0, (magnitude - spread) / 10), min(1.0, (magnitude + spread) / 10)
+    affine = {"interpolation": cv2.INTER_CUBIC, "border_mode": cv2.BORDER_CONSTANT, "fill": fill, "p": 1.0}
+    shear = (math.degrees(math.atan(0.3 * lo)), math.degrees(math.atan(0.3 * hi)))
+    translate = (0.45 * lo, 0.45 * hi)
+
+    def enhance(component: str) -> Callable[[tuple[float, float]], A.ColorJitter]:
+        def make(delta: tuple[float, float]) -> A.ColorJitter:
+            factors = {"brightness": (1.0, 1.0), "contrast": (1.0, 1.0), "saturation": (1.0, 1.0)}
+            factors[component] = tuple(sorted(max(0.1, 1 + d) for d in delta))
+            return A.ColorJitter(**factors, hue=(0.0, 0.0), p=1.0)
+
+        return make
+
+    def sharpness(delta: tuple[float, float]) -> Sharpness:
+        return Sharpness(factor_range=tuple(max(0.1, 1 + d) for d in delta), p=1.0)
+
+    ops = [
+        A.AutoContrast(method="pil", p=op_prob),
+        A.Equalize(mode="pil", p=op_prob),
+        A.InvertImg(p=op_prob),
+        _signed(lambda r: A.Affine(rotate=r, **affine), 30 * lo, 30 * hi, op_prob),
+        A.Posterize(num_bits=(4 - int(4 * hi), 4 - int(4 * lo)), p=op_prob),
+        A.Solarize(threshold_range=((256 - int(256 * hi)) / 255, (256 - int(256 * lo)) / 255), p=op_prob),
+        SolarizeAdd(addition_range=(int(110 * lo), int(110 * hi)), p=op_prob),
+        _signed(enhance("saturation"), 0.9 * lo, 0.9 * hi, op_prob),
+        _signed(enhance("contrast"), 0.9 * lo, 0.9 * hi, op_prob),
+        _signed(enhance("brightness"), 0.9 * lo, 0.9 * hi, op_prob),
+        _signed(sharpness, 0.9 * lo, 0.9 * hi, op_prob),
+        _signed(lambda r: A.Affine(shear={"x": r, "y": (0.0, 0.0)}, **affine), *shear, op_prob),
+        _signed(lambda r: A.Affine(shear={"x": (0.0, 0.0), "y": r}, **affine), *shear, op_prob),
+        _signed(lambda r: A.Affine(translate_percent={"x": r, "y": (0.0, 0.0)}, **affine), *translate, op_prob),
+        _signed(lambda r: A.Affine(translate_percent={"x": (0.0, 0.0), "y": r}, **affine), *translate, op_prob),
+    ]
+    return A.SomeOf(ops, n=num_ops, replace=True, p=1.0)
+
+
+def classification_transforms(
+    image_size: int,
+    train: bool,
+    randaugment: bool = True,
+    color_jitter: float = 0.4,
+    random_erasing: float = 0.25,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+) -> A.Compose:
+    """The paper's (timm's) ImageNet pipelines: HWC uint8 RGB in, normalised CHW float tensor out.
+
+    Train: RandomResizedCrop (area fraction ``crop_scale``, 0.08-1 in the recipe; bicubic), horizontal flip,
+    RandAugment (``randaugment``), colour jitter of strength ``color_jitter`` (brightness, contrast, saturation;
+    as in timm it is skipped while RandAugment is on, so the official recipe never applies it), random erasing
+    with probability ``random_erasing`` (one rectangle of 2-33 % of the area, filled with per-pixel uniform
+    noise), Normalize. Eval: resize the shorter side to ``floor(image_size / 0.875)`` (bicubic), centre crop,
+    Normalize.
+
+    The training pipeline's own random generators start from torch's initial seed (so a global seed makes it
+    reproducible); DataLoader workers reseed their copies with :func:`seed_worker_transforms`.
+    """
+    if not train:
+        return A.Compose(
+            [
+                A.SmallestMaxSize(max_size=math.floor(image_size / CROP_PCT), interpolation=cv2.INTER_CUBIC),
+                A.CenterCrop(image_size, image_size),
+                A.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+                ToTensorV2(),
+            ]
+        )
+    steps: list[A.BasicTransform] = [
+        A.RandomResizedCrop((image_size, image_size), scale=crop_scale, interpolation=cv2.INTER_CUBIC),
+        A.HorizontalFlip(p=0.5),
+    ]
+    if randaugment:
+        steps.append(rand_augment())
+    elif color_jitter > 0:
+        steps.append(A.ColorJitter(color_jitter, color_jitter, color_jitter, hue=0.0, p=1.0))
+    if random_erasing > 0:
+        steps.append(A.Erasing(scale=(0.02, 1 / 3), ratio=(0.3, 3.3), fill="random", p=random_erasing))
+    steps += [A.Normalize(IMAGENET_MEAN, IMAGENET_STD), ToTensorV2()]
+    return A.Compose(steps, seed=torch.initial_seed() % 2**32)
+
+
+def seed_worker_transforms(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: reseed the worker's copy of its dataset's albumentations pipeline.
+
+    An ``A.Compose`` keeps its own random generators, which forked workers would otherwise all copy and repeat;
+    each worker takes torch's per-worker seed instead (distinct per worker and per epoch, reproducible under a
+    global seed). Works for any dataset that keeps its pipeline in a ``transform`` attribute.
+    """
+    info = torch.utils.data.get_worker_info()
+    transform = getattr(info.dataset, "transform", None)
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(info.seed % 2**32)
