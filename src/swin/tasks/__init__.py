@@ -3,5 +3,6 @@
 from swin.tasks.base import BaseTask
 from swin.tasks.classification import ClassificationTask
 from swin.tasks.detection import DetectionTask
+from swin.tasks.segmentation import SegmentationTask
 
-__all__ = ["BaseTask", "ClassificationTask", "DetectionTask"]
+__all__ = ["BaseTask", "ClassificationTask", "DetectionTask", "SegmentationTask"]
