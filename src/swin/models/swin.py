@@ -9,9 +9,10 @@ shift mask is computed on the padded grid, and the result is cropped back; Patch
 padded map is no larger than the window in a dimension there is no shift in that dimension.
 
 Speed (see docs/benchmarks.md): on CPU the linear layers run through oneDNN (``torch.ops.mkldnn``), which beats the
-default BLAS and fuses the MLP's GELU at inference; the cyclic shift, padding and window partition are one token
-gather each way; attention is 4-D ``scaled_dot_product_attention`` so that CPU inference gets the flash kernel; the
-relative position bias plus shift mask is cached while no gradient is needed. Numerics match the official model.
+default BLAS, fuses the MLP's GELU and keeps pre-packed weights at inference; the cyclic shift, padding and window
+partition are one token gather each way; attention is 4-D ``scaled_dot_product_attention`` (the flash kernel for
+CPU fp32 inference); the relative position bias plus shift mask is cached while no gradient is needed. Numerics
+match the official model.
 """
 
 from __future__ import annotations
@@ -147,17 +148,6 @@ def _(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@torch.library.custom_op("swin::onednn_linear_add", mutates_args=())
-def _onednn_linear_add(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor) -> Tensor:
-    """residual + x @ weightᵀ + bias, the add fused into oneDNN's kernel (inference only: no backward)."""
-    return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
-
-
-@_onednn_linear_add.register_fake
-def _(x: Tensor, weight: Tensor, bias: Tensor | None, residual: Tensor) -> Tensor:
-    return torch.empty_like(residual)
-
-
 @torch.library.custom_op("swin::onednn_mm", mutates_args=())
 def _onednn_mm(a: Tensor, b: Tensor) -> Tensor:
     """a @ b for 2-D fp32 tensors through oneDNN, with the wider side as its output features (its fast case)."""
@@ -198,14 +188,11 @@ def _onednn_linear_backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | 
 _onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_linear_setup)
 
 
-def linear(
-    x: Tensor, weight: Tensor, bias: Tensor | None = None, gelu: bool = False, residual: Tensor | None = None
-) -> Tensor:
-    """``F.linear``, then exact GELU when ``gelu``, then ``residual +``; with CPU autocast semantics.
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, gelu: bool = False) -> Tensor:
+    """``F.linear``, then exact GELU when ``gelu``; with CPU autocast semantics.
 
-    On CPU in fp32 / bf16 it runs through oneDNN, several times faster than the default BLAS on AVX-512 machines
-    (and faster than ATen's bf16 ``addmm`` with bias); without autograd the GELU or the residual add is fused into
-    the matmul.
+    On CPU in fp32 / bf16 it runs through oneDNN, about twice as fast as the default BLAS in fp32 on AVX-512 machines
+    (and a little faster than ATen's bf16 ``addmm``); without autograd the GELU is fused into the matmul.
     """
     if _use_onednn(x):
         if torch.is_autocast_enabled("cpu"):
@@ -213,17 +200,12 @@ def linear(
             x, weight = x.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
         if x.dtype in _ONEDNN_DTYPES and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
-            grad = torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (x, weight, bias, residual)
-            )
-            if not grad and residual is not None and residual.dtype == x.dtype and not gelu:
-                return _onednn_linear_add(x, weight, bias, residual)
-            y = _onednn_linear(x, weight, bias, gelu and not grad)
-            y = F.gelu(y) if gelu and grad else y
-            return residual + y if residual is not None else y
+            grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+            if not (gelu and grad):
+                return _onednn_linear(x, weight, bias, gelu)
+            return F.gelu(_onednn_linear(x, weight, bias, False))
     y = F.linear(x, weight, bias)
-    y = F.gelu(y) if gelu else y
-    return residual + y if residual is not None else y
+    return F.gelu(y) if gelu else y
 
 
 def gather_tokens(x: Tensor, index: Tensor, inverse: Tensor | None = None) -> Tensor:
@@ -273,9 +255,9 @@ class Linear(nn.Linear):
             self._packed = (key, packed, None if bias is None else bias.to(dtype))
         return self._packed[1], self._packed[2]
 
-    def forward(self, x: Tensor, gelu: bool = False, residual: Tensor | None = None) -> Tensor:
-        """:func:`linear` of ``x`` (``gelu`` and ``residual`` as there)."""
-        return linear(x, *self._inference_weights(x), gelu=gelu, residual=residual)
+    def forward(self, x: Tensor, gelu: bool = False) -> Tensor:
+        """:func:`linear` of ``x``, then exact GELU when ``gelu``."""
+        return linear(x, *self._inference_weights(x), gelu=gelu)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -353,8 +335,8 @@ class WindowAttention(nn.Module):
             self._bias_cache = (key, mask, bias)
         return bias
 
-    def attend(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Attention of windows (B·nW, N, C) before the output projection.
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Attention of windows (B·nW, N, C).
 
         SDPA runs 4-D (so CPU fp32 inference gets its flash kernel). On CPU SDPA has only its slower math path
         where the bias needs a gradient, and its flash kernel loses to two bf16 matmuls at N = 49: there the
@@ -376,10 +358,7 @@ class WindowAttention(nn.Module):
             attn = ((q * self.scale) @ k.transpose(-2, -1)).add_(bias)
             attn = attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype)  # bf16: as autocast's fp32 softmax
             out = (F.dropout(attn, self.attn_drop, self.training) @ v).flatten(0, 1)
-        return out.transpose(1, 2).reshape(bw, n, c)
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        return self.proj_drop(self.proj(self.attend(x, mask)))
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(bw, n, c)))
 
 
 class Mlp(nn.Module):
@@ -392,14 +371,12 @@ class Mlp(nn.Module):
         self.fc2 = Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
 
-    def hidden(self, x: Tensor) -> Tensor:
-        """dropout(GELU(fc1(x))), the GELU fused into the matmul where :func:`linear` can."""
-        if isinstance(self.fc1, Linear) and type(self.act) is nn.GELU and self.act.approximate == "none":
-            return self.drop(self.fc1(x, gelu=True))
-        return self.drop(self.act(self.fc1(x)))
-
     def forward(self, x: Tensor) -> Tensor:
-        return self.drop(self.fc2(self.hidden(x)))
+        if isinstance(self.fc1, Linear) and type(self.act) is nn.GELU and self.act.approximate == "none":
+            x = self.fc1(x, gelu=True)  # the GELU fused into the matmul where linear() can
+        else:
+            x = self.act(self.fc1(x))
+        return self.drop(self.fc2(self.drop(x)))
 
 
 class SwinBlock(nn.Module):
@@ -427,11 +404,6 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
-    def _fusable(self) -> bool:
-        """Whether the residual adds can go into the projections: dropouts and drop path are identities."""
-        identity = not self.training or self.drop_path.p == self.attn.proj_drop.p == self.mlp.drop.p == 0
-        return identity and isinstance(self.attn.proj, Linear) and isinstance(self.mlp.fc2, Linear)
-
     def forward(self, x: Tensor) -> Tensor:
         b, h, w, c = x.shape
         ws = self.window_size
@@ -442,15 +414,11 @@ class SwinBlock(nn.Module):
             y = F.pad(y, (0, 0, 0, pad_w - w, 0, pad_h - h))
         mask = shift_mask(pad_h, pad_w, ws, shift, y.device) if shift != (0, 0) else None
         fwd, inv = window_index(h, w, ws, (pad_h, pad_w), shift, y.device)
-        # roll and partition as one gather, and back (the way back crops the padding: then not a permutation);
-        # the output projection is per token, so it runs after the way back, fused with the residual add
+        # roll and partition as one gather, and back (the way back crops the padding: then not a permutation)
         windows = gather_tokens(y.reshape(b, pad_h * pad_w, c), fwd, None if padded else inv)
-        y = self.attn.attend(windows.view(-1, ws * ws, c), mask).view(b, -1, c)
+        y = self.attn(windows.view(-1, ws * ws, c), mask).view(b, -1, c)
         y = gather_tokens(y, inv, None if padded else fwd).view(b, h, w, c)
-        if self._fusable():
-            x = self.attn.proj(y, residual=x.contiguous())  # x + proj(y)
-            return self.mlp.fc2(self.mlp.hidden(self.norm2(x)), residual=x)
-        x = x + self.drop_path(self.attn.proj_drop(self.attn.proj(y)))
+        x = x + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
