@@ -82,3 +82,16 @@ def test_learning_rate_follows_the_global_batch():
     task.__dict__["_trainer"] = trainer  # what Lightning attaches; only these three fields are read
     assert task.global_batch_size() == 2048
     assert math.isclose(task.scaled_lr(), 2e-3)
+
+
+TINY = dict(embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=2)
+
+
+@pytest.mark.parametrize("task_name", ["ClassificationTask", "DetectionTask", "SegmentationTask"])
+def test_class_names_must_match_the_class_count(task_name):
+    import swin.tasks
+
+    task = getattr(swin.tasks, task_name)
+    with pytest.raises(ValueError, match="2 names for num_classes=3"):
+        task(num_classes=3, class_names=["a", "b"], backbone="custom", backbone_kwargs=TINY)
+    assert task(num_classes=2, class_names=["a", "b"], backbone="custom", backbone_kwargs=TINY).hparams.num_classes == 2

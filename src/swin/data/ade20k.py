@@ -14,7 +14,7 @@ batches are lists (images of different sizes).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,13 +24,13 @@ import numpy as np
 import torch
 from albumentations.augmentations.geometric import functional as fgeometric
 from albumentations.pytorch import ToTensorV2
-from lightning.pytorch import LightningDataModule
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from swin.data import shapes
+from swin.data.base import SwinDataModule
 from swin.data.imagenet import is_image_file, list_images, read_rgb
-from swin.data.transforms import IMAGENET_MEAN, IMAGENET_STD, seed_worker_transforms
+from swin.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
     "ADE20K_CLASSES",
@@ -332,7 +332,7 @@ def _pair(x: int | Sequence[int]) -> tuple[int, int]:
     return (x, x) if isinstance(x, int) else (int(x[0]), int(x[1]))
 
 
-class ADE20KDataModule(LightningDataModule):
+class ADE20KDataModule(SwinDataModule):
     """ADE20K or any folder in its layout.
 
     Args:
@@ -355,7 +355,8 @@ class ADE20KDataModule(LightningDataModule):
         synthetic: write synthetic shapes in this layout to ``root`` when it is missing (the demo).
         synthetic_kwargs: arguments of ``shapes.write_ade20k`` (``num_train``, ``num_val``, ``image_size``, ``seed``).
 
-    ``validate`` and ``test`` both use the validation split (ADE20K's test annotations are not public).
+    ``validate`` and ``test`` both use the validation split (ADE20K's test annotations are not public). Training
+    drops the last incomplete batch: BatchNorm on the 1×1 pyramid level needs two or more images.
     """
 
     def __init__(
@@ -377,11 +378,8 @@ class ADE20KDataModule(LightningDataModule):
         synthetic: bool = False,
         synthetic_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers, eval_batch_size)
         self.root = Path(root)
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size
-        self.num_workers = num_workers
         self.reduce_zero_label = reduce_zero_label
         self.crop_size = _pair(crop_size)
         self.base_size = tuple(base_size)
@@ -393,7 +391,6 @@ class ADE20KDataModule(LightningDataModule):
         self.synthetic = synthetic
         self.synthetic_kwargs = dict(synthetic_kwargs or {})
         self._class_names = resolve_class_names(num_classes, class_names, synthetic)
-        self.datasets: dict[str, Dataset] = {}
 
     @property
     def num_classes(self) -> int:
@@ -426,30 +423,8 @@ class ADE20KDataModule(LightningDataModule):
                 raise FileNotFoundError(f"no images to predict on in {folder}")
             self.datasets["predict"] = ImageListDataset(paths, eval_transform(self.base_size))
 
-    def _loader(self, split: str, train: bool = False) -> DataLoader:
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            drop_last=train,  # BatchNorm on the 1×1 pyramid level needs two or more images
-            num_workers=self.num_workers,
-            collate_fn=None if train else collate_lists,
-            worker_init_fn=seed_worker_transforms,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict")
+    def collate_fn(self, train: bool) -> Callable | None:
+        return None if train else collate_lists
 
 
 def resolve_class_names(num_classes: int | None, class_names: Sequence[str] | None, synthetic: bool) -> list[str]:

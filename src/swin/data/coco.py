@@ -22,7 +22,7 @@ import contextlib
 import io
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +30,15 @@ import albumentations as A
 from albumentations.augmentations.crops import functional as fcrops
 import numpy as np
 import torch
-from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from pycocotools.coco import COCO
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.ops import box_convert
 
 from swin.data import shapes
-from swin.data.transforms import seed_worker_transforms
+from swin.data.base import SwinDataModule
 
 ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox", "segmentation")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -363,7 +362,7 @@ def collate(batch: list[Sample]) -> tuple[list[Tensor], list[dict[str, Any]]]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class COCODataModule(LightningDataModule):
+class COCODataModule(SwinDataModule):
     """COCO 2017 layout: ``root/annotations/instances_{train,val}2017.json``, images in ``root/{train,val}2017/``.
 
     Args:
@@ -387,6 +386,8 @@ class COCODataModule(LightningDataModule):
         synthetic_kwargs: arguments of ``shapes.write_coco`` (``num_train``, ``num_val``, ``image_size``, ``seed``).
     """
 
+    drop_last = False  # detection batches are small; the last one still teaches
+
     def __init__(
         self,
         root: str = "data/coco",
@@ -408,10 +409,8 @@ class COCODataModule(LightningDataModule):
         synthetic: bool = False,
         synthetic_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers)
         self.root = Path(root)
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.splits = {
             "train": (train_ann, train_images),
             "val": (val_ann, val_images),
@@ -424,7 +423,6 @@ class COCODataModule(LightningDataModule):
         self.synthetic = synthetic
         self.synthetic_kwargs = dict(synthetic_kwargs or {})
         self._cocos: dict[Path, COCO] = {}
-        self.datasets: dict[str, Dataset] = {}
 
     # -- data on disk ---------------------------------------------------------------------------------------------
     def prepare_data(self) -> None:
@@ -500,26 +498,5 @@ class COCODataModule(LightningDataModule):
                 ImageFiles(self.predict_root) if self.predict_root else self._dataset("val", train=False)
             )
 
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
-            self.datasets[split],
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            worker_init_fn=seed_worker_transforms,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict")
+    def collate_fn(self, train: bool) -> Callable:
+        return collate

@@ -6,13 +6,13 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-import torch
-from lightning.pytorch import LightningDataModule
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch import Tensor
+from torch.utils.data import Dataset
 
 from swin.data import shapes
-from swin.data.transforms import classification_transforms, seed_worker_transforms
+from swin.data.base import SwinDataModule
+from swin.data.transforms import classification_transforms
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 
@@ -55,13 +55,13 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | str]:
+    def __getitem__(self, index: int) -> tuple[Tensor, int | str]:
         path = self.paths[index]
         image = self.transform(image=read_rgb(path))["image"]
         return image, (str(path) if self.labels is None else self.labels[index])
 
 
-class ImageNetDataModule(LightningDataModule):
+class ImageNetDataModule(SwinDataModule):
     """ImageNet in the ImageFolder layout: ``root/train/<class>/*.JPEG``, ``root/val/<class>/*.JPEG``.
 
     Classes are the sorted folder names of the train split; the val split must hold the same folders. Files
@@ -112,17 +112,14 @@ class ImageNetDataModule(LightningDataModule):
         synthetic_val_per_class: int = 40,
         synthetic_image_size: int = 64,
     ) -> None:
-        super().__init__()
+        super().__init__(batch_size, num_workers)
         self.save_hyperparameters()
         self.root = Path(root)
         self.image_size = image_size
-        self.batch_size = batch_size
-        self.num_workers = num_workers
         self.predict_root = predict_root
         self.train_split = train_split
         self.val_split = val_split
         self._classes: list[str] | None = None
-        self.datasets: dict[str, ImageFolderDataset] = {}
 
     def prepare_data(self) -> None:
         if self.hparams.synthetic:
@@ -204,27 +201,3 @@ class ImageNetDataModule(LightningDataModule):
             if not images:
                 raise FileNotFoundError(f"no images (.JPEG .jpg .jpeg .png) under predict_root {self.predict_root}")
             self.datasets["predict"] = ImageFolderDataset(images, None, self._transform(train=False))
-
-    def _loader(self, name: str, train: bool = False) -> DataLoader:
-        return DataLoader(
-            self.datasets[name],
-            batch_size=self.batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=self.num_workers,
-            pin_memory=torch.cuda.is_available(),
-            persistent_workers=self.num_workers > 0,
-            worker_init_fn=seed_worker_transforms,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict")

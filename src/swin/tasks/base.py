@@ -147,7 +147,10 @@ class BaseTask(LightningModule):
         gamma: float = 0.1,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters()  # the subclass's arguments too
+        names, count = self.hparams.get("class_names"), self.hparams.get("num_classes")
+        if names is not None and len(names) != count:
+            raise ValueError(f"class_names has {len(names)} names for num_classes={count}")
         self.backbone: SwinTransformer
         self.configure_models()
         if pretrained:

@@ -49,8 +49,6 @@ class ClassificationTask(BaseTask):
         top_k: int = 5,
         **kwargs: Any,
     ) -> None:
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"class_names has {len(class_names)} names for num_classes={num_classes}")
         super().__init__(**kwargs)
 
     def configure_models(self) -> None:

@@ -144,8 +144,6 @@ class DetectionTask(BaseTask):
         milestones: Sequence[float] = (8, 11),
         **kwargs: Any,
     ) -> None:
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"class_names has {len(class_names)} names for num_classes={num_classes}")
         super().__init__(
             backbone=backbone,
             backbone_kwargs=backbone_kwargs,

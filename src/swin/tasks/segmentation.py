@@ -109,8 +109,6 @@ class SegmentationTask(BaseTask):
         poly_power: float = 1.0,
         **kwargs: Any,
     ) -> None:
-        if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"class_names has {len(class_names)} names for num_classes={num_classes}")
         super().__init__(
             backbone=backbone,
             backbone_kwargs=backbone_kwargs,
