@@ -6,7 +6,7 @@ import torch
 import torchvision
 
 from swin.models import build_swin, count_flops, swin_t
-from swin.models.swin import shift_mask, window_partition
+from swin.models.swin import SwinBlock, shift_mask, window_partition
 from swin.models.weights import load_pretrained
 
 TIMM_NAMES = {
@@ -155,6 +155,27 @@ def test_sdpa_equals_explicit_softmax():
         assert _max_diff(fused(x), explicit(x)) <= 1e-5
         for a, b in zip(fused.forward_features(x), explicit.forward_features(x)):
             assert _max_diff(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_inference_in_pieces_equals_the_whole_map(autocast, monkeypatch):
+    whole = swin_t(out_indices=(0, 1, 2, 3), piece_tokens=0).eval()
+    _randomise_tables(whole)
+    pieces = swin_t(out_indices=(0, 1, 2, 3), piece_tokens=100).eval()  # one window of each of 2 images a piece
+    pieces.load_state_dict(whole.state_dict())
+    calls = []
+    original = SwinBlock._forward_pieces
+    monkeypatch.setattr(SwinBlock, "_forward_pieces", lambda self, *a: calls.append(self.shifted) or original(self, *a))
+    x = torch.randn(2, 3, 112, 224)  # 28×56 tokens: stages 1-3 unpadded (stage 3 of one window high), 4 padded
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        expected, got = whole.forward_features(x), pieces.forward_features(x)
+    assert len(calls) == 10 and set(calls) == {False, True}  # 2 + 2 + 6 blocks
+    for a, b in zip(expected, got):
+        assert a.dtype == b.dtype and _max_diff(a.float(), b.float()) <= (1e-2 if autocast else 1e-5)
+    with torch.no_grad():
+        pieces.train()  # training mode (dropout, drop path) never runs in pieces
+        pieces.forward_features(x)
+    assert len(calls) == 10
 
 
 def test_gradient_checkpointing_gives_same_gradients():

@@ -10,9 +10,10 @@ padded map is no larger than the window in a dimension there is no shift in that
 
 Speed (see docs/benchmarks.md): on CPU the linear layers run through oneDNN (``torch.ops.mkldnn``), which beats the
 default BLAS, fuses the MLP's GELU and keeps pre-packed weights at inference; the cyclic shift, padding and window
-partition are one token gather each way; attention is 4-D ``scaled_dot_product_attention`` (the flash kernel for
-CPU fp32 inference); the relative position bias plus shift mask is cached while no gradient is needed. Numerics
-match the official model.
+partition are one token gather each way; at inference each block runs a group of windows at a time, so that its
+intermediates stay in cache and the time per pixel stays flat as images grow; attention is 4-D
+``scaled_dot_product_attention`` (the flash kernel for CPU fp32 inference); the relative position bias plus shift
+mask is cached while no gradient is needed. Numerics match the official model.
 """
 
 from __future__ import annotations
@@ -335,8 +336,8 @@ class WindowAttention(nn.Module):
             self._bias_cache = (key, mask, bias)
         return bias
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Attention of windows (B·nW, N, C).
+    def forward(self, x: Tensor, mask: Tensor | None = None, windows: slice | None = None) -> Tensor:
+        """Attention of windows (B·nW, N, C); ``windows`` picks the mask's windows when ``x`` holds only those.
 
         SDPA runs 4-D (so CPU fp32 inference gets its flash kernel). On CPU SDPA has only its slower math path
         where the bias needs a gradient, and its flash kernel loses to two bf16 matmuls at N = 49: there the
@@ -346,6 +347,8 @@ class WindowAttention(nn.Module):
         qkv = self.qkv(x).view(bw, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B·nW, nH, N, hd), views
         bias = self.attention_bias(mask, q.dtype)  # (nW, nH, N, N)
+        if windows is not None and bias.shape[0] > 1:
+            bias = bias[windows]
         num_windows = bias.shape[0]
         cpu_sdpa = q.dtype == torch.float32 and not bias.requires_grad
         if self.fused and (q.device.type != "cpu" or cpu_sdpa):
@@ -394,10 +397,12 @@ class SwinBlock(nn.Module):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
         fused_attn: bool = True,
+        piece_tokens: int = 0,
     ):
         super().__init__()
         self.window_size = window_size
         self.shifted = shifted
+        self.piece_tokens = piece_tokens
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias, attn_drop, drop, fused_attn)
         self.drop_path = StochasticDepth(drop_path, "row")
@@ -409,17 +414,52 @@ class SwinBlock(nn.Module):
         ws = self.window_size
         pad_h, pad_w, shift = window_geometry(h, w, ws, self.shifted)
         padded = pad_h != h or pad_w != w
+        mask = shift_mask(pad_h, pad_w, ws, shift, x.device) if shift != (0, 0) else None
+        fwd, inv = window_index(h, w, ws, (pad_h, pad_w), shift, x.device)
+        if not padded and self._piecewise(x):
+            return self._forward_pieces(x, mask, fwd)
         y = self.norm1(x)
         if padded:
             y = F.pad(y, (0, 0, 0, pad_w - w, 0, pad_h - h))
-        mask = shift_mask(pad_h, pad_w, ws, shift, y.device) if shift != (0, 0) else None
-        fwd, inv = window_index(h, w, ws, (pad_h, pad_w), shift, y.device)
         # roll and partition as one gather, and back (the way back crops the padding: then not a permutation)
         windows = gather_tokens(y.reshape(b, pad_h * pad_w, c), fwd, None if padded else inv)
         y = self.attn(windows.view(-1, ws * ws, c), mask).view(b, -1, c)
         y = gather_tokens(y, inv, None if padded else fwd).view(b, h, w, c)
         x = x + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def _piecewise(self, x: Tensor) -> bool:
+        """Run in pieces: CPU inference with ``piece_tokens`` set."""
+        return (
+            self.piece_tokens > 0
+            and x.device.type == "cpu"
+            and not self.training
+            and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling()
+        )
+
+    def _forward_pieces(self, x: Tensor, mask: Tensor | None, fwd: Tensor) -> Tensor:
+        """The block a few windows at a time (inference, no padding): the same numbers, intermediates in cache.
+
+        After the shifted window gather every operation is per token or per window, so each group of windows
+        runs the whole block and is written straight back to its raster positions.
+        """
+        b, h, w, c = x.shape
+        n = self.window_size**2
+        tokens = x.reshape(b, h * w, c)
+        out = None
+        step = max(1, self.piece_tokens // (b * n))
+        for start in range(0, h * w // n, step):
+            index = fwd[start * n : (start + step) * n]
+            part = tokens.index_select(1, index)
+            count = part.shape[1] // n
+            y = self.attn(self.norm1(part).view(b * count, n, c), mask, slice(start, start + count))
+            part = part + y.view(b, -1, c)
+            part = part + self.mlp(self.norm2(part))
+            if out is None:
+                out = tokens.new_empty(tokens.shape, dtype=part.dtype)
+            out.index_copy_(1, index, part)
+        return out.view(b, h, w, c)
 
 
 class PatchMerging(nn.Module):
@@ -457,13 +497,15 @@ class Stage(nn.Module):
         drop_path: Sequence[float] = (),
         downsample: bool = False,
         fused_attn: bool = True,
+        piece_tokens: int = 0,
     ):
         super().__init__()
         drop_path = list(drop_path) or [0.0] * depth
         self.grad_checkpointing = False
         self.blocks = nn.ModuleList(
             SwinBlock(
-                dim, num_heads, window_size, i % 2 == 1, mlp_ratio, qkv_bias, drop, attn_drop, drop_path[i], fused_attn
+                dim, num_heads, window_size, i % 2 == 1, mlp_ratio, qkv_bias, drop, attn_drop, drop_path[i],
+                fused_attn, piece_tokens,
             )
             for i in range(depth)
         )
@@ -503,6 +545,8 @@ class SwinTransformer(nn.Module):
             position embedding, k ≥ 2 also stages 0..k-2 (kept in eval mode).
         grad_checkpointing: recompute each block in the backward pass to save memory.
         fused_attn: attention through ``scaled_dot_product_attention`` (False: explicit softmax).
+        piece_tokens: CPU inference runs each unpadded block over groups of windows of about this many tokens, so
+            that its intermediates stay in cache (same results; 0: the whole map at once).
     """
 
     def __init__(
@@ -526,6 +570,7 @@ class SwinTransformer(nn.Module):
         frozen_stages: int = -1,
         grad_checkpointing: bool = False,
         fused_attn: bool = True,
+        piece_tokens: int = 4096,
     ):
         super().__init__()
         if len(depths) != len(num_heads):
@@ -567,6 +612,7 @@ class SwinTransformer(nn.Module):
                 drop_path=rates[sum(depths[:i]) : sum(depths[: i + 1])],
                 downsample=i < num_stages - 1,
                 fused_attn=fused_attn,
+                piece_tokens=piece_tokens,
             )
             for i in range(num_stages)
         )
