@@ -19,7 +19,7 @@ mask is cached while no gradient is needed. Numerics match the official model.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -209,6 +209,24 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, gelu: bool = F
     return F.gelu(y) if gelu else y
 
 
+def in_pieces(module: nn.Module, x: Tensor, piece_tokens: int) -> bool:
+    """Whether ``module`` maps ``x`` a piece at a time: CPU inference (eval mode, no autograd, not compiling)."""
+    return (
+        piece_tokens > 0
+        and x.device.type == "cpu"
+        and not module.training
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+    )
+
+
+def in_bands(fn: Callable[[Tensor], Tensor], x: Tensor, dim: int, band: int, scale: int = 1) -> Tensor:
+    """``fn(x)`` for a per-token ``fn`` that maps ``scale`` rows of ``x`` (along ``dim``) to one output row of
+    its dim 1, computed ``band`` output rows at a time and concatenated."""
+    rows = x.shape[dim] // scale
+    return torch.cat([fn(x.narrow(dim, r * scale, min(band, rows - r) * scale)) for r in range(0, rows, band)], 1)
+
+
 def gather_tokens(x: Tensor, index: Tensor, inverse: Tensor | None = None) -> Tensor:
     """``x.index_select(1, index)``; give ``inverse`` when ``index`` is a permutation, for a gather-only backward."""
     return x.index_select(1, index) if inverse is None else _TokenGather.apply(x, index, inverse)
@@ -269,18 +287,26 @@ class Linear(nn.Linear):
 class PatchEmbed(nn.Module):
     """Pad to a patch multiple (right / bottom, zeros), P×P conv with stride P, LayerNorm; returns (B, H, W, C)."""
 
-    def __init__(self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96, patch_norm: bool = True):
+    def __init__(
+        self, patch_size: int = 4, in_chans: int = 3, embed_dim: int = 96, patch_norm: bool = True, piece_tokens: int = 0
+    ):
         super().__init__()
         self.patch_size = patch_size
+        self.piece_tokens = piece_tokens
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.norm = nn.LayerNorm(embed_dim) if patch_norm else nn.Identity()
+
+    def _embed(self, x: Tensor) -> Tensor:
+        return self.norm(self.proj(x).permute(0, 2, 3, 1))
 
     def forward(self, x: Tensor) -> Tensor:
         p = self.patch_size
         pad_h, pad_w = (-x.shape[2]) % p, (-x.shape[3]) % p
         if pad_h or pad_w:
             x = F.pad(x, (0, pad_w, 0, pad_h))
-        return self.norm(self.proj(x).permute(0, 2, 3, 1))
+        if in_pieces(self, x, self.piece_tokens):  # bands of patch rows
+            return in_bands(self._embed, x, 2, max(1, self.piece_tokens // (x.shape[0] * x.shape[3] // p)), p)
+        return self._embed(x)
 
 
 class WindowAttention(nn.Module):
@@ -416,7 +442,7 @@ class SwinBlock(nn.Module):
         padded = pad_h != h or pad_w != w
         mask = shift_mask(pad_h, pad_w, ws, shift, x.device) if shift != (0, 0) else None
         fwd, inv = window_index(h, w, ws, (pad_h, pad_w), shift, x.device)
-        if not padded and self._piecewise(x):
+        if not padded and in_pieces(self, x, self.piece_tokens):
             return self._forward_pieces(x, mask, fwd)
         y = self.norm1(x)
         if padded:
@@ -427,16 +453,6 @@ class SwinBlock(nn.Module):
         y = gather_tokens(y, inv, None if padded else fwd).view(b, h, w, c)
         x = x + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x)))
-
-    def _piecewise(self, x: Tensor) -> bool:
-        """Run in pieces: CPU inference with ``piece_tokens`` set."""
-        return (
-            self.piece_tokens > 0
-            and x.device.type == "cpu"
-            and not self.training
-            and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-        )
 
     def _forward_pieces(self, x: Tensor, mask: Tensor | None, fwd: Tensor) -> Tensor:
         """The block a few windows at a time (inference, no padding): the same numbers, intermediates in cache.
@@ -465,17 +481,23 @@ class SwinBlock(nn.Module):
 class PatchMerging(nn.Module):
     """2×2 neighbourhood → 4C (official order x[0::2,0::2], x[1::2,0::2], x[0::2,1::2], x[1::2,1::2]) → LN → 2C."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, piece_tokens: int = 0):
         super().__init__()
+        self.piece_tokens = piece_tokens
         self.norm = nn.LayerNorm(4 * dim)
         self.reduction = Linear(4 * dim, 2 * dim, bias=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        _, h, w, _ = x.shape
-        if h % 2 or w % 2:
-            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+    def _merge(self, x: Tensor) -> Tensor:
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
         return self.reduction(self.norm(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, h, w, _ = x.shape
+        if h % 2 or w % 2:
+            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+        if in_pieces(self, x, self.piece_tokens):  # bands of output rows
+            return in_bands(self._merge, x, 1, max(1, self.piece_tokens // (b * x.shape[2] // 2)), 2)
+        return self._merge(x)
 
 
 class Stage(nn.Module):
@@ -509,7 +531,7 @@ class Stage(nn.Module):
             )
             for i in range(depth)
         )
-        self.downsample = PatchMerging(dim) if downsample else None
+        self.downsample = PatchMerging(dim, piece_tokens) if downsample else None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         for block in self.blocks:
@@ -545,8 +567,9 @@ class SwinTransformer(nn.Module):
             position embedding, k ≥ 2 also stages 0..k-2 (kept in eval mode).
         grad_checkpointing: recompute each block in the backward pass to save memory.
         fused_attn: attention through ``scaled_dot_product_attention`` (False: explicit softmax).
-        piece_tokens: CPU inference runs each unpadded block over groups of windows of about this many tokens, so
-            that its intermediates stay in cache (same results; 0: the whole map at once).
+        piece_tokens: CPU inference runs the patch embedding and each patch merging in bands of rows, and each
+            unpadded block in groups of windows, of about this many tokens, so that the intermediates stay in cache
+            (same results; 0: the whole map at once).
     """
 
     def __init__(
@@ -588,7 +611,7 @@ class SwinTransformer(nn.Module):
                 raise ValueError(f"out_indices {self.out_indices}: stage {i} does not exist (0..{num_stages - 1})")
         self.frozen_stages = frozen_stages
 
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm, piece_tokens)
         if ape:
             grid = img_size // patch_size
             self.absolute_pos_embed = nn.Parameter(torch.zeros(1, grid * grid, embed_dim))
