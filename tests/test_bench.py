@@ -36,6 +36,7 @@ def test_bench_writes_report_and_plot(tmp_path):
     assert "| infer bf16 |" in table and "ours ÷ torchvision" in table and "ours+checkpointing" in table
     assert set(report["profile"]) == set(report["models"]) and report["profile_case"] == "infer fp32"
     assert all(0 < row["share"] <= 1 and row["calls"] >= 1 for rows in report["profile"].values() for row in rows)
+    assert all(len({row["op"] for row in rows}) == len(rows) for rows in report["profile"].values())  # one row an op
 
 
 def test_missing_peer_is_skipped_with_a_note(monkeypatch):

@@ -366,11 +366,14 @@ def profile_ops(
             step()
             step()
             _sync(device)
-        events = sorted(prof.key_averages(), key=lambda e: -getattr(e, attr))
-        total = sum(getattr(e, attr) for e in events)
+        ops: dict[str, list[float]] = {}  # an op may come in several averages (e.g. overloads): one row each name
+        for e in prof.key_averages():
+            us, count = ops.setdefault(e.key, [0.0, 0])
+            ops[e.key] = [us + getattr(e, attr), count + e.count]
+        total = sum(us for us, _ in ops.values())
+        rows = sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]
         tables[name] = [
-            {"op": e.key, "ms_per_step": getattr(e, attr) / 2e3, "share": getattr(e, attr) / total, "calls": e.count // 2}
-            for e in events[:top]
+            {"op": op, "ms_per_step": us / 2e3, "share": us / total, "calls": count // 2} for op, (us, count) in rows
         ]
     return tables
 
