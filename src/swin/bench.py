@@ -504,7 +504,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory table")
     parser.add_argument("--profile", action="store_true", help="torch.profiler top ops per model (first mode)")
-    parser.add_argument("--out", type=Path, default=Path("bench"))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for bench.json, .md and .png")
     parser.add_argument("--quick", action="store_true", help="2 repeats, short samples, sweep of 2 sizes")
     args = parser.parse_args(argv)
     cuda = args.device == "cuda"
