@@ -158,7 +158,8 @@ def test_sdpa_equals_explicit_softmax():
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-def test_inference_in_pieces_equals_the_whole_map(autocast, monkeypatch):
+@pytest.mark.parametrize("size", [(112, 224), (97, 131)])  # unpadded stages 1-3; every stage padded, odd sizes
+def test_inference_in_pieces_equals_the_whole_map(autocast, size, monkeypatch):
     whole = swin_t(out_indices=(0, 1, 2, 3), piece_tokens=0).eval()
     _randomise_tables(whole)
     pieces = swin_t(out_indices=(0, 1, 2, 3), piece_tokens=100).eval()  # one window of each of 2 images a piece
@@ -166,16 +167,17 @@ def test_inference_in_pieces_equals_the_whole_map(autocast, monkeypatch):
     calls = []
     original = SwinBlock._forward_pieces
     monkeypatch.setattr(SwinBlock, "_forward_pieces", lambda self, *a: calls.append(self.shifted) or original(self, *a))
-    x = torch.randn(2, 3, 112, 224)  # 28×56 tokens: stages 1-3 unpadded (stage 3 of one window high), 4 padded
+    x = torch.randn(2, 3, *size)
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
-        expected, got = whole.forward_features(x), pieces.forward_features(x)
-    assert len(calls) == 10 and set(calls) == {False, True}  # 2 + 2 + 6 blocks
-    for a, b in zip(expected, got):
-        assert a.dtype == b.dtype and _max_diff(a.float(), b.float()) <= (1e-2 if autocast else 1e-5)
+        expected, got = [*whole.forward_features(x), whole(x)], [*pieces.forward_features(x), pieces(x)]
+    assert len(calls) == 2 * 12 and set(calls) == {False, True}  # every block, shifted or not, twice
+    for a, b in zip(expected, got):  # measured: bitwise equal here, fp32 and bf16
+        assert a.shape == b.shape and a.dtype == b.dtype and b.is_contiguous()
+        assert _max_diff(a.float(), b.float()) <= (1e-2 if autocast else 1e-5)
     with torch.no_grad():
         pieces.train()  # training mode (dropout, drop path) never runs in pieces
         pieces.forward_features(x)
-    assert len(calls) == 10
+    assert len(calls) == 2 * 12
 
 
 def test_gradient_checkpointing_gives_same_gradients():

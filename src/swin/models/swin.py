@@ -442,8 +442,8 @@ class SwinBlock(nn.Module):
         padded = pad_h != h or pad_w != w
         mask = shift_mask(pad_h, pad_w, ws, shift, x.device) if shift != (0, 0) else None
         fwd, inv = window_index(h, w, ws, (pad_h, pad_w), shift, x.device)
-        if not padded and in_pieces(self, x, self.piece_tokens):
-            return self._forward_pieces(x, mask, fwd)
+        if in_pieces(self, x, self.piece_tokens):
+            return self._forward_pieces(x, mask, fwd, (pad_h, pad_w))
         y = self.norm1(x)
         if padded:
             y = F.pad(y, (0, 0, 0, pad_w - w, 0, pad_h - h))
@@ -454,28 +454,40 @@ class SwinBlock(nn.Module):
         x = x + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
-    def _forward_pieces(self, x: Tensor, mask: Tensor | None, fwd: Tensor) -> Tensor:
-        """The block a few windows at a time (inference, no padding): the same numbers, intermediates in cache.
+    def _forward_pieces(self, x: Tensor, mask: Tensor | None, fwd: Tensor, padded_size: tuple[int, int]) -> Tensor:
+        """The block a few windows at a time (inference): the same numbers, with the intermediates in cache.
 
         After the shifted window gather every operation is per token or per window, so each group of windows
-        runs the whole block and is written straight back to its raster positions.
+        runs the whole block and is written straight back to its raster positions. Padding tokens enter attention
+        as zeros, as in :meth:`forward`, and are cropped at the end.
         """
         b, h, w, c = x.shape
+        pad_h, pad_w = padded_size
         n = self.window_size**2
-        tokens = x.reshape(b, h * w, c)
+        valid = None
+        if (pad_h, pad_w) != (h, w):
+            x = F.pad(x, (0, 0, 0, pad_w - w, 0, pad_h - h))
+            valid = torch.zeros(pad_h, pad_w, dtype=torch.bool, device=x.device)
+            valid[:h, :w] = True
+            valid = valid.flatten()
+        tokens = x.reshape(b, pad_h * pad_w, c)
         out = None
         step = max(1, self.piece_tokens // (b * n))
-        for start in range(0, h * w // n, step):
+        for start in range(0, pad_h * pad_w // n, step):
             index = fwd[start * n : (start + step) * n]
             part = tokens.index_select(1, index)
             count = part.shape[1] // n
-            y = self.attn(self.norm1(part).view(b * count, n, c), mask, slice(start, start + count))
+            y = self.norm1(part)
+            if valid is not None:
+                y = y.masked_fill(~valid[index].view(1, -1, 1), 0.0)
+            y = self.attn(y.view(b * count, n, c), mask, slice(start, start + count))
             part = part + y.view(b, -1, c)
             part = part + self.mlp(self.norm2(part))
             if out is None:
                 out = tokens.new_empty(tokens.shape, dtype=part.dtype)
             out.index_copy_(1, index, part)
-        return out.view(b, h, w, c)
+        out = out.view(b, pad_h, pad_w, c)
+        return out if valid is None else out[:, :h, :w].contiguous()
 
 
 class PatchMerging(nn.Module):
@@ -568,8 +580,8 @@ class SwinTransformer(nn.Module):
         grad_checkpointing: recompute each block in the backward pass to save memory.
         fused_attn: attention through ``scaled_dot_product_attention`` (False: explicit softmax).
         piece_tokens: CPU inference runs the patch embedding and each patch merging in bands of rows, and each
-            unpadded block in groups of windows, of about this many tokens, so that the intermediates stay in cache
-            (same results; 0: the whole map at once).
+            block in groups of windows, of about this many tokens, so that the intermediates stay in cache (same
+            results; 0: the whole map at once).
     """
 
     def __init__(
