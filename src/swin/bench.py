@@ -134,7 +134,7 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 
 
 def make_step(model: nn.Module, mode: str, precision: str, x: Tensor, target: Tensor) -> Callable[[], None]:
-    """One inference forward, or one training step (forward, cross-entropy, backward, AdamW step)."""
+    """One inference forward, or one training step (forward, cross-entropy, backward, fused AdamW step)."""
     if mode == "infer":
         model.eval()
 
@@ -146,7 +146,7 @@ def make_step(model: nn.Module, mode: str, precision: str, x: Tensor, target: Te
     if mode != "train":
         raise ValueError(f"unknown mode {mode!r}; choose infer or train")
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)  # as the tasks train, for every model
 
     def train() -> None:
         with _autocast(x.device, precision):

@@ -84,6 +84,29 @@ def test_learning_rate_follows_the_global_batch():
     assert math.isclose(task.scaled_lr(), 2e-3)
 
 
+def test_optimizer_is_fused_adamw_at_the_scaled_lr_stepped_per_iteration():
+    from types import SimpleNamespace
+
+    from swin.tasks.classification import ClassificationTask
+
+    task = ClassificationTask(
+        num_classes=3, backbone="custom", backbone_kwargs=SMALL, lr=1e-3, lr_batch_size=1024, warmup_steps=10
+    )
+    trainer = SimpleNamespace(
+        datamodule=SimpleNamespace(batch_size=256), world_size=2, accumulate_grad_batches=1,
+        estimated_stepping_batches=100, max_epochs=None,
+    )  # fmt: skip
+    task.__dict__["_trainer"] = trainer
+    config = task.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
+    assert scheduler["interval"] == "step"
+    assert all(math.isclose(g["initial_lr"], 5e-4) for g in optimizer.param_groups)  # 1e-3 × 512 / 1024
+    for _ in range(10):
+        scheduler["scheduler"].step()
+    assert all(math.isclose(g["lr"], 5e-4) for g in optimizer.param_groups)  # warm-up done
+
+
 TINY = dict(embed_dim=8, depths=(1, 1, 1, 1), num_heads=(1, 1, 1, 1), window_size=2)
 
 

@@ -385,7 +385,7 @@ class WindowAttention(nn.Module):
         else:
             q, k, v = (t.view(bw // num_windows, num_windows, *t.shape[1:]) for t in (q, k, v))
             attn = ((q * self.scale) @ k.transpose(-2, -1)).add_(bias)
-            attn = attn.softmax(dim=-1, dtype=torch.float32).to(v.dtype)  # bf16: as autocast's fp32 softmax
+            attn = attn.softmax(dim=-1)  # autocast's policy: fp32 on CUDA; on CPU the input's dtype, as in timm
             out = (F.dropout(attn, self.attn_drop, self.training) @ v).flatten(0, 1)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(bw, n, c)))
 
