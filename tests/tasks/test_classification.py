@@ -43,13 +43,8 @@ def write_config(tmp: Path, root: Path, **model_args) -> Path:
     return path
 
 
-def run(command: str, config: Path, tmp: Path, monkeypatch, *args: str):
-    monkeypatch.setenv("SWIN_RUN_VERSION", "")  # the CLI records its run folder here; undone after the test
-    return main([command, "--config", str(config), "--trainer.default_root_dir", str(tmp / "runs" / command), *args])
-
-
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
+def fitted(run, tmp_path_factory):
     """Two epochs on 5 classes × 4 images with the EMA on."""
     tmp = tmp_path_factory.mktemp("cls")
     root = tmp / "shapes"
@@ -80,7 +75,7 @@ def test_fit_logs_metrics_keeps_best_and_last_and_saves_its_config(fitted):
     load_pretrained(model, run_dir / "checkpoints" / "last.ckpt", strict=True)
 
 
-def test_validate_evaluates_the_ema_weights(fitted, monkeypatch):
+def test_validate_evaluates_the_ema_weights(run, fitted, monkeypatch):
     tmp, config = fitted
     ckpt = tmp / "runs" / "fit" / "version_0" / "checkpoints" / "last.ckpt"
     task = ClassificationTask.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
@@ -103,7 +98,7 @@ def test_validate_evaluates_the_ema_weights(fitted, monkeypatch):
     assert logged != pytest.approx(val_loss(task.backbone), rel=1e-4)
 
 
-def test_test_and_predict_write_metrics_and_top5_csv(fitted, monkeypatch):
+def test_test_and_predict_write_metrics_and_top5_csv(run, fitted, monkeypatch):
     tmp, config = fitted
     ckpt = str(tmp / "runs" / "fit" / "version_0" / "checkpoints" / "last.ckpt")
     cli = run("test", config, tmp, monkeypatch, "--ckpt_path", ckpt)

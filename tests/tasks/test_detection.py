@@ -14,7 +14,6 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from swin.cli import main
 from swin.data import shapes
 from swin.data.coco import CocoInstances, read_coco
 from swin.models import build_swin
@@ -25,13 +24,6 @@ BACKBONE = dict(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 2, 4], windo
 HEADS = dict(fpn_channels=32, representation_size=64, mask_channels=16, anchor_sizes=[8, 16, 32, 64, 128],
              min_size=64, max_size=96)  # fmt: skip
 NUM_VAL = 4
-
-
-def run(command, config, tmp, monkeypatch, *args, name=None):
-    """``cli.py command --config config``, logging to ``tmp/runs/<name or command>/version_0``."""
-    monkeypatch.setenv("SWIN_RUN_VERSION", "")
-    root = tmp / "runs" / (name or command)
-    return main([command, "--config", str(config), "--trainer.default_root_dir", str(root), *args])
 
 
 def write_config(tmp, root):
@@ -72,7 +64,7 @@ def tree(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def fitted(tree, tmp_path_factory):
+def fitted(run, tree, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("det_run")
     config = write_config(tmp, tree)
     with pytest.MonkeyPatch.context() as mp:
@@ -101,7 +93,7 @@ def test_fit_logs_box_and_mask_map_and_checkpoints_the_category_map(fitted):
     torch.testing.assert_close(backbone.patch_embed.proj.weight, state[key])
 
 
-def test_test_and_predict_from_the_checkpoint_write_coco_results_and_overlays(fitted, tree, monkeypatch):
+def test_test_and_predict_from_the_checkpoint_write_coco_results_and_overlays(run, fitted, tree, monkeypatch):
     tmp, config, best = fitted
     cli = run("test", config, tmp, monkeypatch, "--ckpt_path", best)
     metrics = cli.trainer.callback_metrics
@@ -122,7 +114,7 @@ def test_test_and_predict_from_the_checkpoint_write_coco_results_and_overlays(fi
     assert -1.0 <= evaluator.stats[0] <= 1.0
 
 
-def test_predict_on_a_folder_names_results_by_file(fitted, monkeypatch):
+def test_predict_on_a_folder_names_results_by_file(run, fitted, monkeypatch):
     tmp, config, best = fitted
     folder = tmp / "new_images"
     folder.mkdir()
@@ -137,7 +129,7 @@ def test_predict_on_a_folder_names_results_by_file(fitted, monkeypatch):
     assert Image.open(out / "street.png").size == (40, 50)
 
 
-def test_checkpoint_of_other_category_ids_is_refused(fitted, tree, monkeypatch):
+def test_checkpoint_of_other_category_ids_is_refused(run, fitted, tree, monkeypatch):
     tmp, config, best = fitted
     other = tmp / "other_ids"
     shutil.copytree(tree, other)

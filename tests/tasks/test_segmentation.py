@@ -6,7 +6,6 @@ import torch
 import yaml
 from PIL import Image
 
-from swin.cli import main
 from swin.data import shapes
 from swin.models import build_swin
 from swin.models.weights import load_pretrained
@@ -21,14 +20,8 @@ def tiny_task(**kwargs) -> SegmentationTask:
     return SegmentationTask(num_classes=NUM_CLASSES, **{**defaults, **kwargs})
 
 
-def run(command, config, tmp, monkeypatch, *args):
-    """``cli.py command --config config``, logging to ``tmp/runs/command/version_0``."""
-    monkeypatch.setenv("SWIN_RUN_VERSION", "")  # the CLI records its run folder here; undone after the test
-    return main([command, "--config", str(config), "--trainer.default_root_dir", str(tmp / "runs" / command), *args])
-
-
 @pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
+def fitted(run, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("seg")
     root = tmp / "ade20k"
     shapes.write_ade20k(root, num_train=4, num_val=2, image_size=(40, 48))
@@ -73,7 +66,7 @@ def test_fit_logs_metrics_and_saves_a_loadable_checkpoint(fitted):
     load_pretrained(backbone, run_dir / "checkpoints" / "last.ckpt", strict=True)
 
 
-def test_validation_miou_matches_a_computation_at_label_size(fitted, monkeypatch):
+def test_validation_miou_matches_a_computation_at_label_size(run, fitted, monkeypatch):
     tmp, config = fitted
     ckpt = tmp / "runs" / "fit" / "version_0" / "checkpoints" / "last.ckpt"
     cli = run("validate", config, tmp, monkeypatch, "--ckpt_path", str(ckpt))
@@ -93,7 +86,7 @@ def test_validation_miou_matches_a_computation_at_label_size(fitted, monkeypatch
     assert float(logged["val/pixel_acc"]) == pytest.approx(tp.sum() / confusion.sum(), abs=1e-6)
 
 
-def test_test_with_tta_and_predict_write_pngs(fitted, monkeypatch):
+def test_test_with_tta_and_predict_write_pngs(run, fitted, monkeypatch):
     tmp, config = fitted
     ckpt = str(tmp / "runs" / "fit" / "version_0" / "checkpoints" / "last.ckpt")
     tta = ["--model.test_scales", "[0.75, 1.0]", "--model.test_flip", "true", "--model.inference", "slide"]
