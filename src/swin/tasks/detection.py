@@ -132,9 +132,6 @@ class DetectionTask(BaseTask):
         max_size: int = 1333,
         detector_kwargs: dict[str, Any] | None = None,
         score_threshold: float = 0.5,
-        backbone: str = "swin_t",
-        backbone_kwargs: dict[str, Any] | None = None,
-        pretrained: str | None = None,
         lr: float = 1e-4,
         lr_batch_size: int | None = 16,
         weight_decay: float = 0.05,
@@ -145,9 +142,6 @@ class DetectionTask(BaseTask):
         **kwargs: Any,
     ) -> None:
         super().__init__(
-            backbone=backbone,
-            backbone_kwargs=backbone_kwargs,
-            pretrained=pretrained,
             lr=lr,
             lr_batch_size=lr_batch_size,
             weight_decay=weight_decay,

@@ -70,7 +70,7 @@ class SegmentationTask(BaseTask):
         test_scales: image scales averaged in test and predict (e.g. 0.5 … 1.75 for the paper's multi-scale).
         test_flip: also average the horizontal mirror in test and predict.
         overlay_alpha: weight of the class colours in the overlay PNGs.
-        **kwargs: the other :class:`~swin.tasks.base.BaseTask` arguments (betas, layer_decay, ...).
+        **kwargs: the other :class:`~swin.tasks.base.BaseTask` arguments (backbone, backbone_kwargs, pretrained, betas, layer_decay, ...).
 
     The remaining arguments are :class:`~swin.tasks.base.BaseTask`'s with the ADE20K recipe as defaults: AdamW
     lr 6e-5 per 16 images, weight decay 0.01, 1500 warm-up iterations from 1e-6 × lr, then poly (power 1) to 0.
@@ -96,9 +96,6 @@ class SegmentationTask(BaseTask):
         test_scales: Sequence[float] = (1.0,),
         test_flip: bool = False,
         overlay_alpha: float = 0.5,
-        backbone: str = "swin_t",
-        backbone_kwargs: dict[str, Any] | None = None,
-        pretrained: str | None = None,
         lr: float = 6e-5,
         lr_batch_size: int | None = 16,
         weight_decay: float = 0.01,
@@ -110,9 +107,6 @@ class SegmentationTask(BaseTask):
         **kwargs: Any,
     ) -> None:
         super().__init__(
-            backbone=backbone,
-            backbone_kwargs=backbone_kwargs,
-            pretrained=pretrained,
             lr=lr,
             lr_batch_size=lr_batch_size,
             weight_decay=weight_decay,
