@@ -6,7 +6,8 @@ import torch
 import torchvision
 
 from swin.models import build_swin, count_flops, swin_t
-from swin.models.swin import SwinBlock, shift_mask, window_partition
+import swin.models.swin as swin_module
+from swin.models.swin import SwinBlock, shift_mask, window_geometry, window_partition
 from swin.models.weights import load_pretrained
 
 TIMM_NAMES = {
@@ -127,22 +128,23 @@ def test_shift_mask_matches_official_construction():
     assert torch.equal(shift_mask(height, width, ws, (s, s)), official)
 
 
-def test_no_shift_where_map_fits_in_one_window():
-    model = swin_t().eval()
-    # stage 4 at 224 is 7x7 = one window: no shift, as the official classification model
-    last = model.layers[3].blocks[1]
-    calls = []
-    original = torch.roll
-    try:
-        torch.roll = lambda *a, **k: calls.append(1) or original(*a, **k)
-        with torch.no_grad():
-            last(torch.randn(1, 7, 7, 768))
-        assert not calls
-        with torch.no_grad():
-            last(torch.randn(1, 14, 7, 768))  # shift only along H
-        assert len(calls) == 2
-    finally:
-        torch.roll = original
+def test_window_geometry_pads_to_window_multiples_and_shifts_only_where_the_map_exceeds_one_window():
+    assert window_geometry(7, 7, 7, shifted=True) == (7, 7, (0, 0))  # stage 4 at 224: one window, no shift
+    assert window_geometry(14, 7, 7, shifted=True) == (14, 7, (3, 0))  # shift only along H
+    assert window_geometry(10, 5, 7, shifted=True) == (14, 7, (3, 0))  # padded first, then the rule
+    assert window_geometry(10, 5, 7, shifted=False) == (14, 7, (0, 0))
+    assert window_geometry(8, 9, 4, shifted=True) == (8, 12, (2, 2))
+
+
+@pytest.mark.parametrize("size,same", [((7, 7), True), ((5, 6), True), ((14, 7), False), ((7, 10), False)])
+def test_shifted_block_equals_unshifted_where_the_map_fits_in_one_window(size, same):
+    shifted = SwinBlock(32, 2, window_size=7, shifted=True).eval()
+    plain = SwinBlock(32, 2, window_size=7, shifted=False).eval()
+    _randomise_tables(shifted)
+    plain.load_state_dict(shifted.state_dict())
+    x = torch.randn(2, *size, 32)
+    with torch.no_grad():
+        assert torch.equal(shifted(x), plain(x)) == same
 
 
 def test_sdpa_equals_explicit_softmax():
@@ -165,12 +167,12 @@ def test_inference_in_pieces_equals_the_whole_map(autocast, size, monkeypatch):
     pieces = swin_t(out_indices=(0, 1, 2, 3), piece_tokens=100).eval()  # one window of each of 2 images a piece
     pieces.load_state_dict(whole.state_dict())
     calls = []
-    original = SwinBlock._forward_pieces
-    monkeypatch.setattr(SwinBlock, "_forward_pieces", lambda self, *a: calls.append(self.shifted) or original(self, *a))
+    original = swin_module.run_in_pieces
+    monkeypatch.setattr(swin_module, "run_in_pieces", lambda *a: calls.append(a[0]) or original(*a))
     x = torch.randn(2, 3, *size)
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         expected, got = [*whole.forward_features(x), whole(x)], [*pieces.forward_features(x), pieces(x)]
-    assert len(calls) == 2 * 12 and set(calls) == {False, True}  # every block, shifted or not, twice
+    assert len(calls) == 2 * 12  # every block, twice
     for a, b in zip(expected, got):  # measured: bitwise equal here, fp32 and bf16
         assert a.shape == b.shape and a.dtype == b.dtype and b.is_contiguous()
         assert _max_diff(a.float(), b.float()) <= (1e-2 if autocast else 1e-5)

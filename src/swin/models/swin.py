@@ -4,22 +4,20 @@ One module, two faces: ``model(x)`` gives class logits; with ``out_indices`` it 
 ``forward_features(x)`` returns NCHW maps of the chosen stages, each through its own LayerNorm, as the official
 detection / segmentation backbone does.
 
-Tokens travel as (B, H, W, C). Inside each block the map is padded (right / bottom) to a window multiple, the
-shift mask is computed on the padded grid, and the result is cropped back; PatchMerging pads odd sizes. Where the
-padded map is no larger than the window in a dimension there is no shift in that dimension.
+Tokens travel as (B, H, W, C). Each block pads its map (right / bottom, zeros) to a window multiple, computes the
+shift mask on the padded grid, runs norm → (shifted) window attention → residual → MLP → residual on the tokens in
+window order (the cyclic shift, padding and window partition are one token gather) and crops back; padding tokens
+enter attention as zeros, as in the official code, which pads after the first norm. PatchMerging pads odd sizes.
+Where the padded map is no larger than the window in a dimension there is no shift in that dimension.
 
-Speed (see docs/benchmarks.md): on CPU the linear layers run through oneDNN (``torch.ops.mkldnn``), which beats the
-default BLAS, fuses the MLP's GELU and keeps pre-packed weights at inference; the cyclic shift, padding and window
-partition are one token gather each way; at inference each block runs a group of windows at a time, so that its
-intermediates stay in cache and the time per pixel stays flat as images grow; attention is 4-D
-``scaled_dot_product_attention`` (the flash kernel for CPU fp32 inference); the relative position bias plus shift
-mask is cached while no gradient is needed. Numerics match the official model.
+The CPU speed machinery (oneDNN linears, packed weights, piecewise inference) lives in :mod:`swin.models.ops`
+and changes no number; FLOP counting in :mod:`swin.models.flops`.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -27,10 +25,13 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
+from swin.models.ops import Linear, gather_tokens, in_bands, in_pieces, run_in_pieces
+
 __all__ = [
     "SwinTransformer",
     "PatchEmbed",
     "WindowAttention",
+    "Mlp",
     "SwinBlock",
     "PatchMerging",
     "Stage",
@@ -40,7 +41,12 @@ __all__ = [
     "swin_s",
     "swin_b",
     "swin_l",
-    "count_flops",
+    "relative_position_index",
+    "shift_mask",
+    "window_partition",
+    "window_reverse",
+    "window_geometry",
+    "window_index",
 ]
 
 MASK_VALUE = -100.0
@@ -104,179 +110,30 @@ def window_geometry(height: int, width: int, window: int, shifted: bool) -> tupl
     return pad_h, pad_w, (0 if pad_h <= window else half, 0 if pad_w <= window else half)
 
 
+@functools.lru_cache(maxsize=64)
 def window_index(
     height: int, width: int, window: int, pad: tuple[int, int], shift: tuple[int, int], device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """Token permutations of a block, as flat indices: padded raster → shifted windows, and back.
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Token permutations of a block on its padded H'×W' raster, as flat indices, and which tokens are real.
 
     ``tokens.index_select(1, fwd)`` on the padded (B, H'·W', C) map equals roll(-shift) then window partition;
-    ``windows.index_select(1, inv)`` on (B, nW·M², C) equals window reverse and roll(+shift); ``inv`` is cropped
-    to the unpadded H × W raster (so it is the inverse of ``fwd`` only without padding).
+    ``windows.index_select(1, inv)`` equals window reverse then roll(+shift) (``inv`` is the inverse permutation).
+    ``valid`` (in window order) is False at padding tokens, None without padding.
     """
-    pad_h, pad_w = pad
-    grid = torch.arange(pad_h * pad_w, device=device).view(1, pad_h, pad_w, 1)
-    if shift != (0, 0):
-        grid = torch.roll(grid, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-    fwd = window_partition(grid, window).flatten()
-    inv = window_reverse(torch.arange(fwd.numel(), device=device).view(-1, window * window, 1), window, pad_h, pad_w)
-    if shift != (0, 0):
-        inv = torch.roll(inv, shifts=shift, dims=(1, 2))
-    return fwd, inv[0, :height, :width].flatten()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Linear layers through oneDNN on CPU
-# ---------------------------------------------------------------------------------------------------------------
-
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
-
-
-def _use_onednn(x: Tensor) -> bool:
-    """CPU tensors, outside tracing and ONNX export (which should see plain ``F.linear``)."""
-    return _ONEDNN and x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
-
-
-# Custom ops, so that torch.compile keeps them as opaque calls (Inductor only lowers oneDNN linears on frozen weights).
-@torch.library.custom_op("swin::onednn_linear", mutates_args=())
-def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
-    """x @ weightᵀ + bias, then exact GELU when ``gelu``, with oneDNN's kernel (``weight`` may be a strided view)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [], "none" if gelu else "")
-
-
-@_onednn_linear.register_fake
-def _(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-@torch.library.custom_op("swin::onednn_mm", mutates_args=())
-def _onednn_mm(a: Tensor, b: Tensor) -> Tensor:
-    """a @ b for 2-D fp32 tensors through oneDNN, with the wider side as its output features (its fast case)."""
-    if b.shape[1] >= a.shape[0]:
-        return torch.ops.mkldnn._linear_pointwise(a, b.t(), None, "none", [], "")
-    return torch.ops.mkldnn._linear_pointwise(b.t(), a, None, "none", [], "").t().contiguous()
-
-
-@_onednn_mm.register_fake
-def _(a: Tensor, b: Tensor) -> Tensor:
-    return a.new_empty((a.shape[0], b.shape[1]))
-
-
-def _onednn_linear_setup(ctx, inputs: tuple, output: Tensor) -> None:
-    x, weight, bias, gelu = inputs
-    if gelu:
-        raise RuntimeError("the fused GELU has no backward: call linear(..., gelu=True), which splits it")
-    ctx.save_for_backward(x, weight)
-    ctx.has_bias = bias is not None
-
-
-def _onednn_linear_backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None]:
-    """fp32 matmuls through oneDNN too (ATen's bf16 matmuls already are)."""
-    x, weight = ctx.saved_tensors
-    grad2d = grad.reshape(-1, grad.shape[-1])
-    fp32 = grad.dtype == torch.float32
-    grad_x = grad_w = grad_b = None
-    if ctx.needs_input_grad[0]:
-        grad_x = _onednn_linear(grad, weight.t(), None, False) if fp32 else grad @ weight
-    if ctx.needs_input_grad[1]:
-        x2d = x.reshape(-1, x.shape[-1])
-        grad_w = _onednn_mm(grad2d.t(), x2d) if fp32 else grad2d.t() @ x2d
-    if ctx.has_bias and ctx.needs_input_grad[2]:
-        grad_b = grad2d.sum(0)
-    return grad_x, grad_w, grad_b, None
-
-
-_onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_linear_setup)
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, gelu: bool = False) -> Tensor:
-    """``F.linear``, then exact GELU when ``gelu``; with CPU autocast semantics.
-
-    On CPU in fp32 / bf16 it runs through oneDNN, about twice as fast as the default BLAS in fp32 on AVX-512 machines
-    (and a little faster than ATen's bf16 ``addmm``); without autograd the GELU is fused into the matmul.
-    """
-    if _use_onednn(x):
-        if torch.is_autocast_enabled("cpu"):
-            dtype = torch.get_autocast_dtype("cpu")
-            x, weight = x.to(dtype), weight.to(dtype)
-            bias = bias.to(dtype) if bias is not None else None
-        if x.dtype in _ONEDNN_DTYPES and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
-            grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-            if not (gelu and grad):
-                return _onednn_linear(x, weight, bias, gelu)
-            return F.gelu(_onednn_linear(x, weight, bias, False))
-    y = F.linear(x, weight, bias)
-    return F.gelu(y) if gelu else y
-
-
-def in_pieces(module: nn.Module, x: Tensor, piece_tokens: int) -> bool:
-    """Whether ``module`` maps ``x`` a piece at a time: CPU inference (eval mode, no autograd, not compiling)."""
-    return (
-        piece_tokens > 0
-        and x.device.type == "cpu"
-        and not module.training
-        and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
-    )
-
-
-def in_bands(fn: Callable[[Tensor], Tensor], x: Tensor, dim: int, band: int, scale: int = 1) -> Tensor:
-    """``fn(x)`` for a per-token ``fn`` that maps ``scale`` rows of ``x`` (along ``dim``) to one output row of
-    its dim 1, computed ``band`` output rows at a time and concatenated."""
-    rows = x.shape[dim] // scale
-    return torch.cat([fn(x.narrow(dim, r * scale, min(band, rows - r) * scale)) for r in range(0, rows, band)], 1)
-
-
-def gather_tokens(x: Tensor, index: Tensor, inverse: Tensor | None = None) -> Tensor:
-    """``x.index_select(1, index)``; give ``inverse`` when ``index`` is a permutation, for a gather-only backward."""
-    return x.index_select(1, index) if inverse is None else _TokenGather.apply(x, index, inverse)
-
-
-class _TokenGather(torch.autograd.Function):
-    """``x.index_select(1, index)`` for a permutation ``index``: the backward gathers by ``inverse`` (no scatter)."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, index: Tensor, inverse: Tensor) -> Tensor:
-        ctx.save_for_backward(inverse)
-        return x.index_select(1, index)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
-        (inverse,) = ctx.saved_tensors
-        return grad.index_select(1, inverse), None, None
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` whose forward is :func:`linear` (same parameters, state dict and numerics).
-
-    While autograd is off on CPU it keeps its weights cast and packed in oneDNN's layout (one copy, rebuilt when a
-    parameter changes, dropped by ``train()``), saving the per-call cast and reorder.
-    """
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self._packed: tuple | None = None
-
-    def train(self, mode: bool = True) -> Linear:
-        self._packed = None
-        return super().train(mode)
-
-    def _inference_weights(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        weight, bias = self.weight, self.bias
-        if not _use_onednn(x) or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return weight, bias
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        if dtype not in _ONEDNN_DTYPES or weight.dtype not in _ONEDNN_DTYPES:
-            return weight, bias
-        key = (weight.data_ptr(), weight._version, -1 if bias is None else bias._version, dtype)
-        if self._packed is None or self._packed[0] != key:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), x.numel() // x.shape[-1])
-            self._packed = (key, packed, None if bias is None else bias.to(dtype))
-        return self._packed[1], self._packed[2]
-
-    def forward(self, x: Tensor, gelu: bool = False) -> Tensor:
-        """:func:`linear` of ``x``, then exact GELU when ``gelu``."""
-        return linear(x, *self._inference_weights(x), gelu=gelu)
+    with torch.inference_mode(False):  # cached: must stay usable by autograd after an inference-mode first call
+        pad_h, pad_w = pad
+        grid = torch.arange(pad_h * pad_w, device=device).view(1, pad_h, pad_w, 1)
+        if shift != (0, 0):
+            grid = torch.roll(grid, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+        fwd = window_partition(grid, window).flatten()
+        inv = torch.empty_like(fwd)
+        inv[fwd] = torch.arange(fwd.numel(), device=device)
+        valid = None
+        if (pad_h, pad_w) != (height, width):
+            raster = torch.zeros(pad_h, pad_w, dtype=torch.bool, device=device)
+            raster[:height, :width] = True
+            valid = raster.flatten()[fwd]
+        return fwd, inv, valid
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -409,7 +266,12 @@ class Mlp(nn.Module):
 
 
 class SwinBlock(nn.Module):
-    """Pre-norm block: x + DropPath(W-MSA / SW-MSA(LN(x))), then x + DropPath(MLP(LN(x))), on (B, H, W, C)."""
+    """Pre-norm block: x + DropPath(W-MSA / SW-MSA(LN(x))), then x + DropPath(MLP(LN(x))), on (B, H, W, C).
+
+    :meth:`windows_forward` is the block itself, on tokens in window order; ``forward`` pads, gathers the tokens
+    into (shifted) windows and back, and runs it on the whole map at once, or, at CPU inference, a group of windows
+    at a time (:func:`~swin.models.ops.run_in_pieces`), which gives the same numbers with the intermediates in cache.
+    """
 
     def __init__(
         self,
@@ -435,59 +297,41 @@ class SwinBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
+    def windows_forward(self, tokens: Tensor, positions: slice, mask: Tensor | None, valid: Tensor | None) -> Tensor:
+        """The block on (B, L, C) tokens that lie window by window at ``positions`` of the window order.
+
+        ``mask`` is the block's shift mask (all windows), ``valid`` marks the real (not padding) tokens of the whole
+        window order; padding tokens enter attention as zeros.
+        """
+        b, length, c = tokens.shape
+        n = self.window_size**2
+        y = self.norm1(tokens)
+        if valid is not None:
+            y = y.masked_fill(~valid[positions].view(1, -1, 1), 0.0)
+        windows = slice(positions.start // n, positions.stop // n)
+        y = self.attn(y.view(-1, n, c), mask, windows).view(b, length, c)
+        x = tokens + self.drop_path(y)
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
     def forward(self, x: Tensor) -> Tensor:
         b, h, w, c = x.shape
         ws = self.window_size
         pad_h, pad_w, shift = window_geometry(h, w, ws, self.shifted)
-        padded = pad_h != h or pad_w != w
         mask = shift_mask(pad_h, pad_w, ws, shift, x.device) if shift != (0, 0) else None
-        fwd, inv = window_index(h, w, ws, (pad_h, pad_w), shift, x.device)
-        if in_pieces(self, x, self.piece_tokens):
-            return self._forward_pieces(x, mask, fwd, (pad_h, pad_w))
-        y = self.norm1(x)
-        if padded:
-            y = F.pad(y, (0, 0, 0, pad_w - w, 0, pad_h - h))
-        # roll and partition as one gather, and back (the way back crops the padding: then not a permutation)
-        windows = gather_tokens(y.reshape(b, pad_h * pad_w, c), fwd, None if padded else inv)
-        y = self.attn(windows.view(-1, ws * ws, c), mask).view(b, -1, c)
-        y = gather_tokens(y, inv, None if padded else fwd).view(b, h, w, c)
-        x = x + self.drop_path(y)
-        return x + self.drop_path(self.mlp(self.norm2(x)))
-
-    def _forward_pieces(self, x: Tensor, mask: Tensor | None, fwd: Tensor, padded_size: tuple[int, int]) -> Tensor:
-        """The block a few windows at a time (inference): the same numbers, with the intermediates in cache.
-
-        After the shifted window gather every operation is per token or per window, so each group of windows
-        runs the whole block and is written straight back to its raster positions. Padding tokens enter attention
-        as zeros, as in :meth:`forward`, and are cropped at the end.
-        """
-        b, h, w, c = x.shape
-        pad_h, pad_w = padded_size
-        n = self.window_size**2
-        valid = None
-        if (pad_h, pad_w) != (h, w):
+        fwd, inv, valid = window_index(h, w, ws, (pad_h, pad_w), shift, x.device)
+        if valid is not None:
             x = F.pad(x, (0, 0, 0, pad_w - w, 0, pad_h - h))
-            valid = torch.zeros(pad_h, pad_w, dtype=torch.bool, device=x.device)
-            valid[:h, :w] = True
-            valid = valid.flatten()
         tokens = x.reshape(b, pad_h * pad_w, c)
-        out = None
-        step = max(1, self.piece_tokens // (b * n))
-        for start in range(0, pad_h * pad_w // n, step):
-            index = fwd[start * n : (start + step) * n]
-            part = tokens.index_select(1, index)
-            count = part.shape[1] // n
-            y = self.norm1(part)
-            if valid is not None:
-                y = y.masked_fill(~valid[index].view(1, -1, 1), 0.0)
-            y = self.attn(y.view(b * count, n, c), mask, slice(start, start + count))
-            part = part + y.view(b, -1, c)
-            part = part + self.mlp(self.norm2(part))
-            if out is None:
-                out = tokens.new_empty(tokens.shape, dtype=part.dtype)
-            out.index_copy_(1, index, part)
+
+        def block(part: Tensor, positions: slice) -> Tensor:
+            return self.windows_forward(part, positions, mask, valid)
+
+        if in_pieces(self, x, self.piece_tokens):  # written back in raster order by index
+            out = run_in_pieces(block, tokens, fwd, max(1, self.piece_tokens // (b * ws * ws)) * ws * ws)
+        else:  # roll and partition as one gather, and back
+            out = gather_tokens(block(gather_tokens(tokens, fwd, inv), slice(0, fwd.numel())), inv, fwd)
         out = out.view(b, pad_h, pad_w, c)
-        return out if valid is None else out[:, :h, :w].contiguous()
+        return out if valid is None else out[:, :h, :w]
 
 
 class PatchMerging(nn.Module):
@@ -802,39 +646,3 @@ def swin_b(**overrides) -> SwinTransformer:
 def swin_l(**overrides) -> SwinTransformer:
     """Swin-L: C=192, depths 2-2-18-2, heads 6-12-24-48 (196.5M parameters)."""
     return build_swin("swin_l", **overrides)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# FLOPs
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def count_flops(model: SwinTransformer, img_size: int | tuple[int, int] = 224) -> int:
-    """Multiply-adds of one forward pass of the classification model, counted as the official ``flops()`` does.
-
-    Linear layers, attention matmuls (on the padded window grid) and norms; at 224² Swin-T gives about 4.5 G.
-    """
-    h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
-    p = model.patch_size
-    h, w = -(-h // p), -(-w // p)
-    c = model.embed_dim
-    flops = h * w * c * model.in_chans * p * p + (h * w * c if isinstance(model.patch_embed.norm, nn.LayerNorm) else 0)
-    for stage in model.layers:
-        for block in stage.blocks:
-            ws = block.window_size
-            pad_h, pad_w, _ = window_geometry(h, w, ws, block.shifted)
-            n, windows = ws * ws, (pad_h // ws) * (pad_w // ws)
-            hidden = block.mlp.fc1.out_features
-            flops += 2 * h * w * c  # norm1, norm2
-            flops += windows * (n * c * 3 * c + 2 * n * n * c + n * c * c)  # qkv, q·kᵀ, attn·v, proj
-            flops += 2 * h * w * c * hidden  # mlp
-        if stage.downsample is not None:
-            flops += h * w * c  # norm (official count)
-            h, w = -(-h // 2), -(-w // 2)
-            flops += h * w * 4 * c * 2 * c
-            c *= 2
-    if model.norm is not None:
-        flops += h * w * c
-    if isinstance(model.head, nn.Linear):
-        flops += c * model.head.out_features
-    return flops

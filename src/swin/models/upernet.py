@@ -26,6 +26,7 @@ __all__ = [
     "UperNetHead",
     "FCNHead",
     "Segmentor",
+    "build_upernet",
     "resize",
     "slide_inference",
     "tta_inference",
@@ -202,6 +203,36 @@ class Segmentor(nn.Module):
         else:
             raise ValueError(f"unknown inference mode {mode!r}; choose 'whole' or 'slide'")
         return tta_inference(infer, image, size or image.shape[-2:], scales, flip)
+
+
+def build_upernet(
+    backbone: SwinTransformer,
+    num_classes: int,
+    channels: int = 512,
+    pool_scales: Sequence[int] = (1, 2, 3, 6),
+    dropout: float = 0.1,
+    auxiliary: bool = True,
+    aux_channels: int = 256,
+    aux_num_convs: int = 1,
+    aux_index: int = 2,
+) -> Segmentor:
+    """The paper's ADE20K segmentor: UperNet over all of ``backbone``'s maps plus an auxiliary FCN head.
+
+    Args:
+        backbone: Swin with ``out_indices`` (normally (0, 1, 2, 3)) and ``num_classes=None``.
+        num_classes: logits per pixel.
+        channels: width of the UperNet head (512 in the paper).
+        pool_scales: pyramid pooling sizes.
+        dropout: Dropout2d before both classifiers.
+        auxiliary: add the auxiliary FCN head (training only).
+        aux_channels: width of the auxiliary head (256).
+        aux_num_convs: its 3×3 convs (1).
+        aux_index: the backbone output it reads (2: stage 3).
+    """
+    widths = backbone.out_channels
+    decode_head = UperNetHead(widths, num_classes, channels, pool_scales, dropout)
+    aux_head = FCNHead(widths[aux_index], num_classes, aux_channels, aux_num_convs, dropout) if auxiliary else None
+    return Segmentor(backbone, decode_head, aux_head, aux_index)
 
 
 def _pair(x: int | Sequence[int]) -> tuple[int, int]:

@@ -1,0 +1,122 @@
+"""The CPU fast paths: the oneDNN custom ops pass torch.library's checks and equal F.linear, values and gradients."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from swin.models import ops
+
+pytestmark = pytest.mark.skipif(not ops._ONEDNN, reason="oneDNN is not available in this torch build")
+
+#: every combination the custom op sees: fp32 / bf16, with and without bias, contiguous or strided weight, GELU or not
+LINEAR_CASES = pytest.mark.parametrize(
+    "dtype,bias,strided,gelu", list(itertools.product([torch.float32, torch.bfloat16], *[[False, True]] * 3))
+)
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
+
+
+def _inputs(dtype: torch.dtype, bias: bool, strided: bool, grad: bool):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 24, generator=g).to(dtype)
+    weight = torch.randn(24, 40, generator=g).to(dtype).t() if strided else torch.randn(40, 24, generator=g).to(dtype)
+    b = torch.randn(40, generator=g).to(dtype) if bias else None
+    for t in (x, weight, b):
+        if t is not None:
+            t.requires_grad_(grad)
+    return x, weight, b
+
+
+@LINEAR_CASES
+def test_onednn_linear_passes_opcheck(dtype, bias, strided, gelu):
+    x, weight, b = _inputs(dtype, bias, strided, grad=True)
+    torch.library.opcheck(ops._onednn_linear, (x, weight, b, gelu))
+
+
+@pytest.mark.parametrize("shape", [((6, 24), (24, 40)), ((40, 24), (24, 6))])  # both orientations of the kernel
+def test_onednn_mm_passes_opcheck_and_equals_matmul(shape):
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(*shape[0], generator=g), torch.randn(*shape[1], generator=g)
+    torch.library.opcheck(ops._onednn_mm, (a, b))
+    torch.testing.assert_close(ops._onednn_mm(a, b), a @ b, **TOL[torch.float32])
+
+
+@LINEAR_CASES
+def test_custom_op_values_and_gradients_equal_f_linear(dtype, bias, strided, gelu):
+    """The op called directly (with its own backward, the GELU recomputed) against ATen's linear + GELU."""
+    x, weight, b = _inputs(dtype, bias, strided, grad=True)
+    ref_inputs = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, weight, b)]
+    out = ops._onednn_linear(x, weight, b, gelu)
+    ref = F.linear(*ref_inputs)
+    ref = F.gelu(ref) if gelu else ref
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    upstream = torch.randn_like(ref)
+    out.backward(upstream)
+    ref.backward(upstream)
+    for got, want in zip((x, weight, b), ref_inputs):
+        if got is not None:
+            assert got.grad is not None and got.grad.shape == got.shape
+            torch.testing.assert_close(got.grad, want.grad, **TOL[dtype])
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_layer_equals_nn_linear_in_training_and_in_packed_inference(dtype, gelu):
+    fast = ops.Linear(24, 40).to(dtype)
+    plain = torch.nn.Linear(24, 40).to(dtype)
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(3, 7, 24).to(dtype)
+    act = F.gelu if gelu else (lambda t: t)
+    fast(x, gelu=gelu).sum().backward()
+    act(plain(x)).sum().backward()
+    torch.testing.assert_close(fast.weight.grad, plain.weight.grad, **TOL[dtype])
+    torch.testing.assert_close(fast.bias.grad, plain.bias.grad, **TOL[dtype])
+    with torch.no_grad():
+        first = fast(x, gelu=gelu)
+        assert fast._packed is not None  # weights packed once for inference
+        torch.testing.assert_close(first, act(plain(x)), **TOL[dtype])
+        fast.weight.add_(1.0)  # a changed parameter invalidates the packed copy
+        plain.weight.add_(1.0)
+        torch.testing.assert_close(fast(x, gelu=gelu), act(plain(x)), **TOL[dtype])
+
+
+def test_linear_follows_cpu_autocast():
+    layer = ops.Linear(16, 8)
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = layer(x)
+        ref = F.linear(x, layer.weight, layer.bias)
+    assert y.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref, **TOL[torch.bfloat16])
+
+
+def test_token_gather_backward_is_the_inverse_gather():
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(0))
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(12)
+    x = torch.randn(2, 12, 3, requires_grad=True)
+    y = ops.gather_tokens(x, perm, inverse)
+    assert torch.equal(y, x.index_select(1, perm))
+    upstream = torch.randn_like(y)
+    (grad,) = torch.autograd.grad(y, x, upstream)
+    (want,) = torch.autograd.grad(x.index_select(1, perm), x, upstream)
+    assert torch.equal(grad, want)
+
+
+def test_run_in_pieces_equals_one_piece():
+    tokens = torch.randn(2, 12, 4)
+    order = torch.randperm(12, generator=torch.Generator().manual_seed(1))
+    seen = []
+
+    def fn(part, positions):
+        seen.append((positions.start, positions.stop))
+        return part * 2 + positions.start
+
+    out = ops.run_in_pieces(fn, tokens, order, 5)
+    assert seen == [(0, 5), (5, 10), (10, 12)]
+    expected = torch.empty_like(tokens)
+    for start in (0, 5, 10):
+        index = order[start : start + 5]
+        expected[:, index] = tokens[:, index] * 2 + start
+    assert torch.equal(out, expected)
