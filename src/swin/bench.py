@@ -24,9 +24,11 @@ import math
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from swin.models.swin import VARIANTS, build_swin, count_flops
+from swin.models import VARIANTS, build_swin, count_flops
 
 # Extra architectures for quick runs and tests (not published variants).
 BENCH_VARIANTS: dict[str, dict] = {
@@ -43,6 +45,8 @@ BENCH_VARIANTS: dict[str, dict] = {
 }
 OURS = "ours"
 PEERS = ("timm", "torchvision")
+BASELINE = "baseline"  # this project's backbone from another checkout (--baseline)
+_baseline_source: str | None = None
 TIMM_SDPA = "timm-sdpa"  # timm with its experimental fused attention switched on (not its default)
 
 
@@ -104,13 +108,33 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def load_baseline(path: str | os.PathLike) -> None:
+    """Register ``BUILDERS["baseline"]``: the backbone of another checkout of this project (its root, its ``src``
+    folder or its ``swin`` package), imported as a renamed copy (``swin_baseline``) so that both live in one process
+    and are timed side by side; its custom ops move to the ``swin_baseline::`` namespace."""
+    root = Path(path)
+    package = next((p for p in (root / "src" / "swin", root / "swin", root) if (p / "models").is_dir()), None)
+    if package is None:
+        raise FileNotFoundError(f"--baseline {path}: no swin package with a models/ folder there (or in src/)")
+    copy = Path(tempfile.mkdtemp(prefix="swin-baseline-")) / "swin_baseline"
+    shutil.copytree(package, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    for file in copy.rglob("*.py"):
+        text = re.sub(r"\bswin\.", "swin_baseline.", file.read_text()).replace('"swin::', '"swin_baseline::')
+        file.write_text(text)
+    sys.path.insert(0, str(copy.parent))
+    models = importlib.import_module("swin_baseline.models")
+    global _baseline_source
+    _baseline_source = str(path)
+    BUILDERS[BASELINE] = lambda arch, img_size: models.build_swin("custom", **arch, num_classes=1000)
+
+
 def available_models(peers: Sequence[str]) -> tuple[list[str], list[str]]:
     """Our model plus the importable peers, and a note for each peer skipped."""
     names, notes = [OURS], []
     for peer in peers:
         if peer not in BUILDERS or peer == OURS:
             raise ValueError(f"unknown peer {peer!r}; choose from {sorted(set(BUILDERS) - {OURS})}")
-        module = "timm" if peer.startswith("timm") else peer
+        module = {BASELINE: "swin_baseline"}.get(peer, "timm" if peer.startswith("timm") else peer)
         try:
             importlib.import_module(module)
         except ImportError as err:
@@ -294,6 +318,9 @@ def memory_table(
 def _memory_child() -> None:
     spec = json.loads(sys.argv[1])
     torch.set_num_threads(spec.pop("threads"))
+    if spec.get("baseline"):
+        load_baseline(spec["baseline"])
+    del spec["baseline"]
     spec["arch"]["depths"], spec["arch"]["num_heads"] = tuple(spec["arch"]["depths"]), tuple(spec["arch"]["num_heads"])
     print(json.dumps(memory_table(**spec, device=torch.device("cpu"))))
 
@@ -302,6 +329,7 @@ def memory_cpu(names: list[str], arch: dict, modes, precisions, batch: int, size
     """:func:`memory_table` in a child process whose allocator returns every freed tensor buffer to the system."""
     spec = dict(names=names, arch=arch, modes=list(modes), precisions=list(precisions), batch=batch, size=size)
     spec["threads"] = torch.get_num_threads()
+    spec["baseline"] = _baseline_source
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
     code = "import swin.bench as b; b._memory_child()"
     out = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env, capture_output=True, text=True)
@@ -497,6 +525,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--min-time", type=float, default=None, help="seconds per timed sample (default 1; quick 0)")
     parser.add_argument("--peers", type=_csv, default=list(PEERS), help=f"from {sorted(set(BUILDERS) - {OURS})}")
+    parser.add_argument(
+        "--baseline", type=Path, default=None,
+        help="also time this project's backbone from another checkout (a folder), e.g. a worktree of an older commit",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument(
         "--clock", choices=sorted(CLOCKS), default="wall",
@@ -540,6 +572,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     arch = architecture(args.variant)
+    if args.baseline is not None:
+        load_baseline(args.baseline)
+        args.peers = [*args.peers, BASELINE]
     names, notes = available_models(args.peers)
     for note in notes:
         print(note, file=sys.stderr)
