@@ -2,7 +2,9 @@
 
 Every run logs to TensorBoard and CSV in one version folder under ``trainer.default_root_dir`` (the folder is named
 after the SLURM job when there is one, so a requeued job continues in it), keeps the best and the last checkpoint
-(see ``BaseTask.configure_callbacks``), and saves its config, overwriting on resume.
+(see ``BaseTask.configure_callbacks``), and saves its config, overwriting on resume. ``predict`` hands the
+predictions to the prediction writers in ``trainer.callbacks`` (:mod:`swin.writers`), without also keeping them all
+in memory unless ``--return_predictions true``.
 """
 
 from __future__ import annotations
@@ -11,8 +13,11 @@ import os
 import re
 from pathlib import Path
 
+from typing import Any
+
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from swin.tasks.base import BaseTask
@@ -53,6 +58,14 @@ class SwinCLI(LightningCLI):
                 Namespace(class_path=class_path, init_args=Namespace(save_dir=root, name="", version=version))
                 for class_path in ("swin.loggers.ResumableCSVLogger", "lightning.pytorch.loggers.TensorBoardLogger")
             ]
+
+
+    def predict(self, **kwargs: Any) -> Any:
+        """``trainer.predict``; with a prediction writer among the callbacks, the predictions are not also returned."""
+        if kwargs.get("return_predictions") is None:
+            writers = [c for c in self.trainer.callbacks if isinstance(c, BasePredictionWriter)]
+            kwargs["return_predictions"] = not writers
+        return self.trainer.predict(**kwargs)
 
 
 def main(args: list[str] | None = None) -> SwinCLI:

@@ -40,7 +40,7 @@ def run_demo(task: str, extra: list[str] | None = None, config_dir: str | os.Pat
             runs["test_dir"] = cli.trainer.log_dir
             runs["test_metrics"] = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
         else:
-            runs["predict_dir"] = cli.trainer.log_dir
+            runs["predict_dir"] = str(Path(cli.trainer.log_dir) / "predictions")
     runs["seconds"] = time.time() - start
     return runs
 

@@ -111,7 +111,8 @@ def test_predict_on_a_folder(ade_root):
     dm = datamodule(ade_root, predict_root=str(ade_root / "images" / "training"), base_size=(24, 20))
     dm.setup("predict")
     sample = dm.datasets["predict"][0]
-    assert sample["image"].shape == (3, 20, 24) and sample["original"].shape == (40, 48, 3)
+    assert sample["image"].shape == (3, 20, 24) and sample["size"].tolist() == [40, 48]
+    assert sample["path"] == str(ade_root / "images" / "training" / "ADE_train_00000001.jpg")
 
 
 def test_image_without_annotation(ade_root, tmp_path):

@@ -10,7 +10,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import DataLoader
 
-from swin.data.coco import COCODataModule, ImageFiles, ShorterSideResize, collate
+from swin.data.coco import COCODataModule, ShorterSideResize
 
 H, W = 48, 64
 CATEGORIES = [{"id": 11, "name": "kite"}, {"id": 2, "name": "bicycle"}, {"id": 7, "name": "train"}]  # unsorted, gaps
@@ -57,6 +57,12 @@ def coco_json():
     return {"images": images, "annotations": annotations, "categories": CATEGORIES}
 
 
+def sample_pair(sample: dict) -> tuple:
+    """A detection sample's image and target."""
+    assert set(sample) == {"image", "target", "image_id", "path"}
+    return sample["image"], sample["target"]
+
+
 def write_tree(root, data=None, skip_images=()):
     data = data or coco_json()
     (root / "annotations").mkdir(parents=True, exist_ok=True)
@@ -88,7 +94,7 @@ def test_training_targets_skip_crowds_degenerate_boxes_and_empty_images(tmp_path
         dm.setup("fit")
     train = dm.datasets["train"]
     assert train.ids == [1, 4]  # 2 has no objects, 3 only a crowd
-    image, target = train[0]
+    image, target = sample_pair(train[0])
     assert image.shape == (3, H, W) and image.dtype == torch.float32 and 0 <= image.min() and image.max() <= 1
     assert target["labels"].tolist() == [2, 1]  # category 7 → label 2, category 2 → label 1
     torch.testing.assert_close(target["boxes"], torch.tensor([[10.0, 10, 30, 30], [40, 5, 60, 15]]))
@@ -96,7 +102,7 @@ def test_training_targets_skip_crowds_degenerate_boxes_and_empty_images(tmp_path
     np.testing.assert_array_equal(rle, rect(5, 15, 40, 60))
     ys, xs = np.nonzero(polygon)
     assert (ys.min(), ys.max() + 1, xs.min(), xs.max() + 1) == (10, 30, 10, 30) and target["masks"].dtype == torch.uint8
-    _, target = train[1]  # an uncompressed (non-crowd) RLE
+    _, target = sample_pair(train[1])  # an uncompressed (non-crowd) RLE
     assert target["labels"].tolist() == [3]
     np.testing.assert_array_equal(target["masks"][0].numpy(), rect(8, 32, 20, 50))
 
@@ -106,12 +112,13 @@ def test_evaluation_keeps_every_image_crowds_and_areas(tmp_path):
     dm.setup("validate")
     val = dm.datasets["val"]
     assert val.ids == [1, 2, 3, 4]
-    _, target = val[0]
-    assert target["image_id"] == 1 and target["iscrowd"].tolist() == [0, 0, 1, 0]
+    assert val[0]["image_id"] == 1 and val[0]["path"] == str(dm.root / "val2017" / "0001.jpg")
+    _, target = sample_pair(val[0])
+    assert target["iscrowd"].tolist() == [0, 0, 1, 0]
     assert target["labels"].tolist() == [2, 1, 3, 2]
     np.testing.assert_array_equal(target["masks"][2].numpy(), rect(35, 45, 0, 20))
     torch.testing.assert_close(target["area"], torch.tensor([400.0, 200, 200, 0]))
-    _, empty = val[1]
+    _, empty = sample_pair(val[1])
     assert empty["boxes"].shape == (0, 4) and empty["masks"].shape == (0, H, W)
 
 
@@ -126,7 +133,7 @@ def test_multi_scale_resize_caps_the_longer_side():
 def test_training_resize_and_flip_move_boxes_and_masks_together(tmp_path):
     dm = datamodule(write_tree(tmp_path), train_sizes=[96], max_size=1333, hflip=1.0)
     dm.setup("fit")
-    image, target = dm.datasets["train"][0]
+    image, target = sample_pair(dm.datasets["train"][0])
     assert image.shape == (3, 96, 128)
     torch.testing.assert_close(target["boxes"], torch.tensor([[68.0, 20, 108, 60], [8, 10, 48, 30]]))
     for box, mask in zip(target["boxes"], target["masks"]):
@@ -140,7 +147,7 @@ def test_crop_policy_drops_cropped_objects_with_their_masks(tmp_path):
     dm.setup("fit")
     counts = set()
     for _ in range(30):
-        image, target = dm.datasets["train"][0]
+        image, target = sample_pair(dm.datasets["train"][0])
         assert min(image.shape[1:]) == 48 and len(target["boxes"]) == len(target["labels"]) == len(target["masks"])
         counts.add(len(target["labels"]))
         for box, label, mask in zip(target["boxes"], target["labels"], target["masks"]):
@@ -150,15 +157,13 @@ def test_crop_policy_drops_cropped_objects_with_their_masks(tmp_path):
     assert {0, 1} <= counts  # objects leave (with their masks) when the crop misses them
 
 
-def test_batches_are_lists_of_variable_size_images(tmp_path):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    Image.new("RGB", (40, 30)).save(folder / "a.png")
-    Image.new("RGB", (20, 50)).save(folder / "b.jpg")
-    (folder / "notes.txt").write_text("not an image")
-    images, metas = next(iter(DataLoader(ImageFiles(folder), batch_size=2, collate_fn=collate)))
-    assert [tuple(i.shape) for i in images] == [(3, 30, 40), (3, 50, 20)]
-    assert [m["file_name"] for m in metas] == ["a.png", "b.jpg"]
+def test_batches_are_dicts_of_lists_of_variable_size_images(tmp_path):
+    dm = datamodule(write_tree(tmp_path), train_sizes=[48, 96], max_size=1333)
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    assert set(batch) == {"image", "target", "image_id", "path"} and batch["image_id"] == [1, 2]
+    assert [tuple(i.shape) for i in batch["image"]] == [(3, H, W)] * 2
+    assert [len(t["labels"]) for t in batch["target"]] == [4, 0]
 
 
 def test_synthetic_data_is_written_on_first_use(tmp_path):

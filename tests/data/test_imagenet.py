@@ -47,17 +47,20 @@ def test_classes_labels_and_batches(tree):
     train, val = dm.datasets["train"], dm.datasets["val"]
     assert [p.name for p in train.paths] == ["c1.jpg", "c2.JPG", "c3.jpeg", "d1.JPEG", "d2.png"]
     assert train.labels == [0, 0, 0, 1, 1] and val.labels == [0, 1, 1]
-    image, label = val[1]
+    sample = val[1]
+    image, label = sample["image"], sample["label"]
     assert image.shape == (3, 16, 16) and image.dtype == torch.float32 and label == 1
+    assert sample["path"] == str(tree / "val" / "dog" / "v2.jpg")
     # a uniform grey 205 image normalises to (205/255 - mean) / std everywhere
     expected = (205 / 255 - torch.tensor([0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225])
     assert torch.allclose(image.mean((1, 2)), expected, atol=0.03)
-    x, y = next(iter(dm.train_dataloader()))
-    assert x.shape == (2, 3, 16, 16) and y.dtype == torch.int64
+    batch = next(iter(dm.train_dataloader()))
+    x, y = batch["image"], batch["label"]
+    assert x.shape == (2, 3, 16, 16) and y.dtype == torch.int64 and len(batch["path"]) == 2
     assert len(dm.train_dataloader()) == 2  # 5 images, batch 2, last partial batch dropped (timm's train loader)
-    assert sum(len(b[1]) for b in dm.val_dataloader()) == 3
+    assert sum(len(b["label"]) for b in dm.val_dataloader()) == 3
     dm.setup("test")
-    assert [len(b[1]) for b in dm.test_dataloader()] == [2, 1]
+    assert [len(b["label"]) for b in dm.test_dataloader()] == [2, 1]
 
 
 def test_val_classes_must_match_train(tree):
@@ -115,9 +118,10 @@ def test_predict_batches_carry_paths(tree, tmp_path):
     (folder / "nested" / "skip.txt").write_text("x")
     dm = _dm(tree, predict_root=str(folder), batch_size=4)
     dm.setup("predict")
-    (images, paths), = list(dm.predict_dataloader())
-    assert images.shape == (2, 3, 16, 16)
-    assert list(paths) == [str(folder / "b.png"), str(folder / "nested" / "a.JPEG")]
+    (batch,) = list(dm.predict_dataloader())
+    assert batch["image"].shape == (2, 3, 16, 16)
+    assert list(batch["path"]) == [str(folder / "b.png"), str(folder / "nested" / "a.JPEG")]
+    assert batch["size"].tolist() == [[20, 24], [20, 24]]  # the files' own (H, W)
     with pytest.raises(ValueError, match="predict_root"):
         _dm(tree).setup("predict")
     with pytest.raises(FileNotFoundError, match="missing is not a folder"):
@@ -126,7 +130,7 @@ def test_predict_batches_carry_paths(tree, tmp_path):
 
 def test_synthetic_root_is_written_on_first_use(tmp_path):
     root = tmp_path / "demo" / "imagenet"
-    dm = _dm(root, synthetic=True, synthetic_train_per_class=2, synthetic_val_per_class=1, synthetic_image_size=24)
+    dm = _dm(root, synthetic=True, synthetic_kwargs={"num_train": 2, "num_val": 1, "image_size": 24})
     assert not root.exists()
     assert dm.class_names == sorted(SHAPE_CLASSES)  # written on first access
     assert len(list((root / "train").rglob("*.JPEG"))) == 2 * len(SHAPE_CLASSES)

@@ -45,9 +45,9 @@ def test_shape_classes_are_distinct_outlines():
 
 
 def test_imagefolder_layout_and_determinism(tmp_path):
-    shapes.write_imagefolder(tmp_path / "a", num_train_per_class=3, num_val_per_class=2, image_size=40, seed=1)
-    shapes.write_imagefolder(tmp_path / "b", num_train_per_class=3, num_val_per_class=2, image_size=40, seed=1)
-    shapes.write_imagefolder(tmp_path / "c", num_train_per_class=3, num_val_per_class=2, image_size=40, seed=2)
+    shapes.write_imagefolder(tmp_path / "a", num_train=3, num_val=2, image_size=40, seed=1)
+    shapes.write_imagefolder(tmp_path / "b", num_train=3, num_val=2, image_size=40, seed=1)
+    shapes.write_imagefolder(tmp_path / "c", num_train=3, num_val=2, image_size=40, seed=2)
     a, b, c = (_tree(tmp_path / name) for name in "abc")
     assert a == b
     assert a.keys() == c.keys() and a != c
@@ -59,7 +59,7 @@ def test_imagefolder_layout_and_determinism(tmp_path):
             with Image.open(files[0]) as image:
                 assert image.size == (40, 40) and image.mode == "RGB"
     # per-image seeding: more images per class leaves the existing ones unchanged
-    shapes.write_imagefolder(tmp_path / "d", num_train_per_class=4, num_val_per_class=2, image_size=40, seed=1)
+    shapes.write_imagefolder(tmp_path / "d", num_train=4, num_val=2, image_size=40, seed=1)
     d = _tree(tmp_path / "d")
     assert all(d[k] == v for k, v in a.items())
 
@@ -143,7 +143,7 @@ def test_ade20k_layout(tmp_path):
 def test_ensure_is_atomic_under_a_race(tmp_path):
     root = tmp_path / "demo" / "shapes"
     ctx = mp.get_context("fork")
-    kwargs = {"num_train_per_class": 2, "num_val_per_class": 1, "image_size": 32}
+    kwargs = {"num_train": 2, "num_val": 1, "image_size": 32}
     workers = [
         ctx.Process(target=shapes.ensure, args=(str(root), shapes.write_imagefolder), kwargs=kwargs) for _ in range(3)
     ]

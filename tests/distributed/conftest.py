@@ -38,9 +38,8 @@ def tiny_args(task: str, data: Path) -> list[str]:
     if task == "classification":
         return common + [
             f"--data.root={data / 'imagefolder'}",
-            "--data.synthetic_train_per_class=4",
-            "--data.synthetic_val_per_class=2",  # 10 images: an even split over 2 ranks, no padding
-            "--data.synthetic_image_size=32",
+            # 4 + 2 images per class; 10 val images: an even split over 2 ranks, no padding
+            '--data.synthetic_kwargs={"num_train": 4, "num_val": 2, "image_size": 32}',
             "--data.image_size=32",
         ]
     if task == "detection":

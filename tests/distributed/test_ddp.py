@@ -85,7 +85,7 @@ def test_classification_ddp_fit_validate_predict(tmp_path, dist, monkeypatch):
     for image in images:
         shutil.copy(image, predict_root / image.name)
     dist.run_cli("predict", *args, *DDP, f"--ckpt_path={ckpt}", f"--data.predict_root={predict_root}")
-    with open(runs / "version_2" / "predictions.csv", newline="") as f:
+    with open(runs / "version_2" / "predictions" / "predictions.csv", newline="") as f:
         paths = [Path(row["path"]).name for row in csv.DictReader(f)]
     assert sorted(paths) == sorted(p.name for p in images)
 

@@ -26,7 +26,8 @@ BACKBONE = dict(embed_dim=16, depths=[1, 1], num_heads=[1, 2], window_size=4, dr
 def write_config(tmp: Path, root: Path, **model_args) -> Path:
     config = {
         "seed_everything": 3,
-        "trainer": {"accelerator": "cpu", "max_epochs": 2, "log_every_n_steps": 1, "enable_progress_bar": False},
+        "trainer": {"accelerator": "cpu", "max_epochs": 2, "log_every_n_steps": 1, "enable_progress_bar": False,
+                    "callbacks": [{"class_path": "swin.writers.ClassificationCSVWriter"}]},
         "model": {
             "class_path": "swin.tasks.classification.ClassificationTask",
             "init_args": {"backbone": "custom", "backbone_kwargs": BACKBONE, "lr": 1e-3, "lr_batch_size": 8,
@@ -48,7 +49,7 @@ def fitted(run, tmp_path_factory):
     """Two epochs on 5 classes × 4 images with the EMA on."""
     tmp = tmp_path_factory.mktemp("cls")
     root = tmp / "shapes"
-    shapes.write_imagefolder(root, num_train_per_class=4, num_val_per_class=2, image_size=32)
+    shapes.write_imagefolder(root, num_train=4, num_val=2, image_size=32)
     config = write_config(tmp, root, ema_decay=0.5)
     with pytest.MonkeyPatch.context() as mp:
         run("fit", config, tmp, mp)
@@ -79,7 +80,7 @@ def test_validate_evaluates_the_ema_weights(run, fitted, monkeypatch):
     tmp, config = fitted
     ckpt = tmp / "runs" / "fit" / "version_0" / "checkpoints" / "last.ckpt"
     task = ClassificationTask.load_from_checkpoint(ckpt, map_location="cpu", weights_only=True)
-    trained, averaged = task.backbone.head.weight, task.ema.module.head.weight
+    trained, averaged = task.model.head.weight, task.ema.module.head.weight
     assert not torch.equal(trained, averaged)  # decay 0.5 over 10 steps: the average lags the weights
     cli = run("validate", config, tmp, monkeypatch, "--ckpt_path", str(ckpt))
     logged = float(cli.trainer.callback_metrics["val/loss"])
@@ -91,11 +92,11 @@ def test_validate_evaluates_the_ema_weights(run, fitted, monkeypatch):
 
     def val_loss(model: torch.nn.Module) -> float:
         with torch.no_grad():
-            losses = [F.cross_entropy(model.eval()(x), y, reduction="sum") for x, y in data.val_dataloader()]
+            losses = [F.cross_entropy(model.eval()(b["image"]), b["label"], reduction="sum") for b in data.val_dataloader()]
         return float(sum(losses)) / len(data.datasets["val"])
 
     assert logged == pytest.approx(val_loss(task.ema.module), rel=1e-4)
-    assert logged != pytest.approx(val_loss(task.backbone), rel=1e-4)
+    assert logged != pytest.approx(val_loss(task.model), rel=1e-4)
 
 
 def test_test_and_predict_write_metrics_and_top5_csv(run, fitted, monkeypatch):
@@ -104,7 +105,7 @@ def test_test_and_predict_write_metrics_and_top5_csv(run, fitted, monkeypatch):
     cli = run("test", config, tmp, monkeypatch, "--ckpt_path", ckpt)
     assert {"test/acc1", "test/acc5", "test/loss"} <= set(cli.trainer.callback_metrics)
     run("predict", config, tmp, monkeypatch, "--ckpt_path", ckpt)
-    rows = list(csv.DictReader(open(tmp / "runs" / "predict" / "version_0" / "predictions.csv")))
+    rows = list(csv.DictReader(open(tmp / "runs" / "predict" / "version_0" / "predictions" / "predictions.csv")))
     assert len(rows) == NUM_CLASSES * 2 and all(Path(r["path"]).is_file() for r in rows)
     for row in rows:
         probs = [float(row[f"prob{i}"]) for i in range(1, 6)]
@@ -114,7 +115,7 @@ def test_test_and_predict_write_metrics_and_top5_csv(run, fitted, monkeypatch):
 
 def test_fast_dev_run_and_a_later_config_wins(tmp_path, monkeypatch):
     root = tmp_path / "shapes"
-    shapes.write_imagefolder(root, num_train_per_class=2, num_val_per_class=1, image_size=32)
+    shapes.write_imagefolder(root, num_train=2, num_val=1, image_size=32)
     config = write_config(tmp_path, root)
     override = tmp_path / "override.yaml"
     override.write_text(yaml.safe_dump({"model": {"init_args": {"label_smoothing": 0.3}}, "trainer": {"max_epochs": 5}}))
@@ -128,7 +129,7 @@ def test_fast_dev_run_and_a_later_config_wins(tmp_path, monkeypatch):
 
 def test_print_config_round_trips(tmp_path, capsys):
     root = tmp_path / "shapes"
-    shapes.write_imagefolder(root, num_train_per_class=1, num_val_per_class=1, image_size=32)
+    shapes.write_imagefolder(root, num_train=1, num_val=1, image_size=32)
     config = write_config(tmp_path, root, mixup_alpha=0.2)
     with pytest.raises(SystemExit):
         main(["fit", "--config", str(config), "--print_config"])

@@ -29,13 +29,13 @@ NUM_VAL = 4
 def write_config(tmp, root):
     config = {
         "trainer": {"accelerator": "cpu", "max_epochs": 1, "limit_train_batches": 2, "num_sanity_val_steps": 0,
-                    "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1},
+                    "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1,
+                    "callbacks": [{"class_path": "swin.writers.DetectionWriter", "init_args": {"score_threshold": 0.0}}]},
         "model": {
             "class_path": "swin.tasks.detection.DetectionTask",
             "init_args": {"backbone": "custom", "backbone_kwargs": BACKBONE, **HEADS, "lr": 1e-3,
                           "lr_batch_size": None, "warmup_steps": 1, "milestones": [],
-                          "detector_kwargs": {"box_score_thresh": 0.0, "box_detections_per_img": 20},
-                          "score_threshold": 0.0},
+                          "detector_kwargs": {"box_score_thresh": 0.0, "box_detections_per_img": 20}},
         },
         "data": {
             "class_path": "swin.data.coco.COCODataModule",
@@ -89,7 +89,7 @@ def test_fit_logs_box_and_mask_map_and_checkpoints_the_category_map(fitted):
     assert task.category_ids.tolist() == shapes.COCO_CATEGORY_IDS and task.hparams.class_names == shapes.SHAPE_CLASSES
     backbone = build_swin("custom", **BACKBONE, num_classes=None, out_indices=(0, 1, 2, 3))
     load_pretrained(backbone, best, strict=True)  # the backbone alone, from this project's detector checkpoint
-    key = "detector.backbone.body.patch_embed.proj.weight"
+    key = "model.backbone.body.patch_embed.proj.weight"
     torch.testing.assert_close(backbone.patch_embed.proj.weight, state[key])
 
 
@@ -152,7 +152,7 @@ def test_backbone_loads_from_a_classification_checkpoint(tmp_path):
     for name, value in classifier.state_dict().items():
         if not name.startswith(("head.", "norm.")):
             torch.testing.assert_close(task.backbone.state_dict()[name], value, msg=name)
-    assert task.backbone is task.detector.backbone.body
+    assert task.backbone is task.model.backbone.body
 
 
 # -- COCO mAP, cross-checked against pycocotools ------------------------------------------------------------------
@@ -161,7 +161,8 @@ def test_backbone_loads_from_a_classification_checkpoint(tmp_path):
 def perfect_predictions(dataset):
     """Every non-crowd object found, with masks as torchvision gives them (N, 1, H, W probabilities)."""
     preds = []
-    for k, (_, target) in enumerate(dataset):
+    for sample in dataset:
+        target = sample["target"]
         keep = target["iscrowd"] == 0
         n = int(keep.sum())
         scores = torch.linspace(0.9, 0.5, n) if n else torch.zeros(0)
@@ -182,7 +183,12 @@ def shifted(preds, pixels):
 
 
 def cocoeval_stats(coco, dataset, preds, category_ids, iou_type):
-    results = [r for (_, t), p in zip(dataset, preds) for r in coco_results(p, t, category_ids)]
+    """COCOeval's stats of the predictions, in COCO results format as the prediction writer writes them."""
+    results = []
+    for sample, p in zip(dataset, preds):
+        prediction = {"path": sample["path"], "image_id": sample["image_id"], "boxes": p["boxes"], "scores": p["scores"],
+                      "category_id": torch.tensor(category_ids)[p["labels"] - 1], "masks": p["masks"][:, 0] > 0.5}  # fmt: skip
+        results += coco_results(prediction)
     with contextlib.redirect_stdout(io.StringIO()):
         evaluator = COCOeval(coco, coco.loadRes(results), iou_type)
         evaluator.evaluate()
@@ -198,7 +204,7 @@ def test_map_of_perfect_and_shifted_predictions_matches_cocoeval(tree, pixels):
     task = DetectionTask(len(shapes.SHAPE_CLASSES), backbone="custom", backbone_kwargs=BACKBONE, **HEADS)
     task.category_ids.copy_(torch.tensor(shapes.COCO_CATEGORY_IDS))
     preds = shifted(perfect_predictions(dataset), pixels)
-    targets = [t for _, t in dataset]
+    targets = [sample["target"] for sample in dataset]
     task.val_map.update(*task._metric_inputs(preds, targets))
     result = task.val_map.compute()
     for iou_type in ("bbox", "segm"):

@@ -33,6 +33,7 @@ def fitted(run, tmp_path_factory):
             "num_sanity_val_steps": 0,
             "log_every_n_steps": 1,
             "enable_progress_bar": False,
+            "callbacks": [{"class_path": "swin.writers.SegmentationWriter"}],
         },
         "model": {
             "class_path": "swin.tasks.segmentation.SegmentationTask",

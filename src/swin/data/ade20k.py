@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from swin.data import shapes
 from swin.data.base import SwinDataModule
-from swin.data.imagenet import is_image_file, list_images, read_rgb
+from swin.data.io import collate_lists, is_image_file, read_image
 from swin.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = [
@@ -37,7 +37,6 @@ __all__ = [
     "IGNORE_INDEX",
     "ADE20KDataModule",
     "ADE20KDataset",
-    "ImageListDataset",
     "RandomRescale",
     "fit_size",
     "photometric_distortion",
@@ -291,7 +290,7 @@ class ADE20KDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         image_path, label_path = self.pairs[index]
-        image = read_rgb(image_path)
+        image = read_image(image_path)
         label = read_label(label_path, self.num_classes, self.reduce_zero_label, image.shape[:2])
         if self.train:
             out = self.transform(image=image, mask=label)
@@ -301,26 +300,6 @@ class ADE20KDataset(Dataset):
             "mask": torch.from_numpy(label.astype(np.int64)),
             "path": str(image_path),
         }
-
-
-class ImageListDataset(Dataset):
-    """Images to predict on: ``image`` (3, H, W) float after the transform, ``original`` (H, W, 3) uint8, ``path``."""
-
-    def __init__(self, paths: Sequence[Path], transform: A.Compose):
-        self.paths = list(paths)
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        image = read_rgb(self.paths[index])
-        return {"image": self.transform(image=image)["image"], "original": image, "path": str(self.paths[index])}
-
-
-def collate_lists(samples: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    """A batch of samples of different sizes: one list per key."""
-    return {key: [s[key] for s in samples] for key in samples[0]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -355,9 +334,14 @@ class ADE20KDataModule(SwinDataModule):
         synthetic: write synthetic shapes in this layout to ``root`` when it is missing (the demo).
         synthetic_kwargs: arguments of ``shapes.write_ade20k`` (``num_train``, ``num_val``, ``image_size``, ``seed``).
 
+    Samples are dicts: ``image``, ``mask``, ``path`` (predict: ``image``, ``path``, ``size``); evaluation and
+    predict batches are dicts of lists (sizes differ).
+
     ``validate`` and ``test`` both use the validation split (ADE20K's test annotations are not public). Training
     drops the last incomplete batch: BatchNorm on the 1×1 pyramid level needs two or more images.
     """
+
+    write_synthetic = staticmethod(shapes.write_ade20k)
 
     def __init__(
         self,
@@ -378,8 +362,7 @@ class ADE20KDataModule(SwinDataModule):
         synthetic: bool = False,
         synthetic_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers, eval_batch_size)
-        self.root = Path(root)
+        super().__init__(root, batch_size, num_workers, eval_batch_size, predict_root, synthetic, synthetic_kwargs)
         self.reduce_zero_label = reduce_zero_label
         self.crop_size = _pair(crop_size)
         self.base_size = tuple(base_size)
@@ -387,9 +370,6 @@ class ADE20KDataModule(SwinDataModule):
         self.cat_max_ratio = cat_max_ratio
         self.flip = flip
         self.photometric = photometric
-        self.predict_root = Path(predict_root) if predict_root else None
-        self.synthetic = synthetic
-        self.synthetic_kwargs = dict(synthetic_kwargs or {})
         self._class_names = resolve_class_names(num_classes, class_names, synthetic)
 
     @property
@@ -399,10 +379,6 @@ class ADE20KDataModule(SwinDataModule):
     @property
     def class_names(self) -> list[str]:
         return list(self._class_names)
-
-    def prepare_data(self) -> None:
-        if self.synthetic:
-            shapes.ensure(self.root, shapes.write_ade20k, **self.synthetic_kwargs)
 
     def setup(self, stage: str) -> None:
         self.prepare_data()  # every rank: a no-op once the data exists (the writer is atomic)
@@ -418,10 +394,8 @@ class ADE20KDataModule(SwinDataModule):
             transform = eval_transform(self.base_size)
             self.datasets["val"] = ADE20KDataset(pairs, transform=transform, train=False, **labelled)
         if stage == "predict":
-            folder = self.predict_root or self.root / "images" / "validation"
-            if not (paths := list_images(folder)):
-                raise FileNotFoundError(f"no images to predict on in {folder}")
-            self.datasets["predict"] = ImageListDataset(paths, eval_transform(self.base_size))
+            default = self.root / "images" / "validation"
+            self.datasets["predict"] = self.predict_dataset(eval_transform(self.base_size), default)
 
     def collate_fn(self, train: bool) -> Callable | None:
         return None if train else collate_lists

@@ -1,37 +1,81 @@
-"""The DataLoader plumbing the three datamodules share."""
+"""What the three datamodules share: the root and its synthetic demo data, the DataLoaders, the predict folder."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from swin.data import shapes
+from swin.data.io import PredictFolder
 from swin.data.transforms import seed_worker_transforms
 
 
 class SwinDataModule(LightningDataModule):
     """A datamodule whose ``setup`` fills ``self.datasets`` with "train", "val", "predict" (and maybe "test").
 
-    The test loader reads "test" when ``setup`` made one, else "val". Subclasses say how batches are collated
-    (``collate_fn``) and whether the last incomplete training batch is dropped (``drop_last``).
+    Every dataset yields dict samples: ``image`` plus ``label`` (classification), ``target`` (detection) or ``mask``
+    (segmentation), and ``path``; predict samples are ``image``, ``path`` and ``size`` (the file's H, W). The test
+    loader reads "test" when ``setup`` made one, else "val". Subclasses say how batches are collated
+    (``collate_fn``), whether the last incomplete training batch is dropped (``drop_last``) and how their synthetic
+    demo data is written (``write_synthetic``).
 
     Args:
+        root: dataset folder.
         batch_size: images per device and training step.
         num_workers: DataLoader worker processes.
         eval_batch_size: images per device in validation, test and predict (default: ``batch_size``).
+        predict_root: folder of images for ``predict`` (searched recursively).
+        synthetic: write the deterministic "shapes" demo data in this layout into ``root`` when ``root`` is missing
+            (atomically, on first use); an existing root is used as it is.
+        synthetic_kwargs: arguments of that writer (``num_train``, ``num_val``, ``image_size``, ``seed``; see
+            :mod:`swin.data.shapes`).
     """
 
     drop_last: bool = True
+    #: the :mod:`swin.data.shapes` writer of this layout (``writer(root, **synthetic_kwargs)``)
+    write_synthetic: Callable[..., None] | None = None
 
-    def __init__(self, batch_size: int, num_workers: int, eval_batch_size: int | None = None) -> None:
+    def __init__(
+        self,
+        root: str,
+        batch_size: int,
+        num_workers: int,
+        eval_batch_size: int | None = None,
+        predict_root: str | None = None,
+        synthetic: bool = False,
+        synthetic_kwargs: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
+        self.root = Path(root)
         self.batch_size = batch_size
         self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
         self.num_workers = num_workers
+        self.predict_root = Path(predict_root) if predict_root else None
+        self.synthetic = synthetic
+        self.synthetic_kwargs = dict(synthetic_kwargs or {})
         self.datasets: dict[str, Dataset] = {}
 
+    # -- data on disk ---------------------------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        """Write the synthetic data when asked and ``root`` is missing; every rank may call it (atomic rename)."""
+        if self.synthetic:
+            if self.write_synthetic is None:
+                raise ValueError(f"{type(self).__name__} has no synthetic demo data: set data.synthetic false")
+            shapes.ensure(self.root, self.write_synthetic, **self.synthetic_kwargs)
+
+    def predict_dataset(self, transform: Callable[..., dict[str, Any]], default: Path | None = None) -> PredictFolder:
+        """The images under ``predict_root`` (else ``default``) through the evaluation ``transform``."""
+        folder = self.predict_root or default
+        if folder is None:
+            raise ValueError(f"predict needs a folder of images: set data.predict_root ({type(self).__name__})")
+        return PredictFolder(folder, transform)
+
+    # -- loaders --------------------------------------------------------------------------------------------------
     def collate_fn(self, train: bool) -> Callable | None:
         """How samples become a batch (None: PyTorch's default collation)."""
         return None

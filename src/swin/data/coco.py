@@ -27,11 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import albumentations as A
-from albumentations.augmentations.crops import functional as fcrops
 import numpy as np
 import torch
+from albumentations.augmentations.crops import functional as fcrops
+from albumentations.pytorch import ToTensorV2
 from lightning.pytorch.utilities import rank_zero_warn
-from PIL import Image
 from pycocotools.coco import COCO
 from torch import Tensor
 from torch.utils.data import Dataset
@@ -39,10 +39,9 @@ from torchvision.ops import box_convert
 
 from swin.data import shapes
 from swin.data.base import SwinDataModule
+from swin.data.io import collate_lists, read_image
 
 ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox", "segmentation")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
-Sample = tuple[Tensor, dict[str, Any]]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -220,7 +219,7 @@ def train_transform(
         )
         resize = A.OneOf([ShorterSideResize(sizes, max_size, p=1 - crop_prob), crop], p=1.0)
     return A.Compose(
-        [resize, A.HorizontalFlip(p=hflip)],
+        [resize, A.HorizontalFlip(p=hflip), A.ToFloat(max_value=255.0), ToTensorV2()],
         bbox_params=A.BboxParams(format="coco", label_fields=["labels", "index"], clip=True),
         seed=torch.initial_seed() % 2**32,
     )
@@ -231,39 +230,21 @@ def train_transform(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def read_image(path: str | os.PathLike, expected_hw: tuple[int, int] | None = None) -> np.ndarray:
-    """H×W×3 uint8 RGB; errors name the file (unreadable, or not the size its annotation file says)."""
-    try:
-        with Image.open(path) as im:
-            image = np.array(im.convert("RGB"))
-    except OSError as err:
-        raise OSError(f"cannot read image {path}: {err}") from err
-    if expected_hw is not None and image.shape[:2] != tuple(expected_hw):
-        raise ValueError(
-            f"image {path} is {image.shape[1]}x{image.shape[0]} pixels, its annotation file says "
-            f"{expected_hw[1]}x{expected_hw[0]}"
-        )
-    return image
-
-
-def to_tensor(image: np.ndarray) -> Tensor:
-    """H×W×3 uint8 → 3×H×W float in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
-
-
 class CocoInstances(Dataset):
     """Images of a COCO instances file with torchvision detection targets.
 
+    Samples are ``{"image": 3×H×W float in [0, 1], "target": {...}, "image_id": int, "path": str}``.
     ``train=True``: only images with at least one usable object; targets ``boxes`` (xyxy), ``labels`` (1..K),
-    ``masks`` (N×H×W uint8) after ``transform``. ``train=False``: every image at original size, every annotation,
-    plus ``iscrowd`` and ``area`` for COCO evaluation. Both carry ``image_id`` and ``file_name``.
+    ``masks`` (N×H×W uint8) after ``transform`` (default: :func:`eval_transform`, the original size).
+    ``train=False``: every image through :func:`eval_transform`, every annotation, plus ``iscrowd`` and ``area``
+    for COCO evaluation.
     """
 
     def __init__(self, coco: COCO, image_dir: str | os.PathLike, train: bool, transform: A.Compose | None = None):
         self.coco = coco
         self.image_dir = Path(image_dir)
         self.train = train
-        self.transform = transform
+        self.transform = transform if transform is not None else eval_transform()
         self.label_of = {cid: k + 1 for k, cid in enumerate(category_table(coco)[0])}
         ids = sorted(coco.imgs)
         if train:
@@ -289,14 +270,16 @@ class CocoInstances(Dataset):
             return np.zeros((info["height"], info["width"]), np.uint8)
         return self.coco.annToMask({**ann, "segmentation": seg})
 
-    def __getitem__(self, index: int) -> Sample:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
-        image = read_image(self.image_dir / info["file_name"], (info["height"], info["width"]))
+        path = self.image_dir / info["file_name"]
+        image = read_image(path, (info["height"], info["width"]))
         anns = self.annotations(image_id)
-        meta = {"image_id": image_id, "file_name": info["file_name"]}
-        if self.train:
-            return self._train_sample(image, anns, meta)
+        image, target = self._train_sample(image, anns) if self.train else self._eval_sample(image, anns)
+        return {"image": image, "target": target, "image_id": image_id, "path": str(path)}
+
+    def _eval_sample(self, image: np.ndarray, anns: list[dict]) -> tuple[Tensor, dict[str, Tensor]]:
         height, width = image.shape[:2]
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         masks = np.stack([self.mask(a) for a in anns]) if anns else np.zeros((0, height, width), np.uint8)
@@ -306,55 +289,29 @@ class CocoInstances(Dataset):
             "masks": torch.from_numpy(masks),
             "iscrowd": torch.tensor([int(a.get("iscrowd", 0)) for a in anns], dtype=torch.int64),
             "area": torch.tensor([float(a.get("area", a["bbox"][2] * a["bbox"][3])) for a in anns]),
-            **meta,
         }
-        return to_tensor(image), target
+        return self.transform(image=image)["image"], target
 
-    def _train_sample(self, image: np.ndarray, anns: list[dict], meta: dict[str, Any]) -> Sample:
-        masks = np.stack([self.mask(a) for a in anns])
-        labels = [self.label_of[a["category_id"]] for a in anns]
-        if self.transform is not None:
-            out = self.transform(
-                image=image, masks=masks, bboxes=np.array([a["bbox"] for a in anns], np.float32),
-                labels=labels, index=list(range(len(anns))),
-            )  # fmt: skip
-            image, boxes = out["image"], np.asarray(out["bboxes"], np.float32).reshape(-1, 4)
-            keep = np.asarray(out["index"], np.int64)  # boxes albumentations dropped take their masks along
-            masks, labels = np.asarray(out["masks"])[keep], np.asarray(out["labels"], np.int64)
-        else:
-            boxes = np.array([a["bbox"] for a in anns], np.float32)
+    def _train_sample(self, image: np.ndarray, anns: list[dict]) -> tuple[Tensor, dict[str, Tensor]]:
+        out = self.transform(
+            image=image, masks=np.stack([self.mask(a) for a in anns]),
+            bboxes=np.array([a["bbox"] for a in anns], np.float32),
+            labels=[self.label_of[a["category_id"]] for a in anns], index=list(range(len(anns))),
+        )  # fmt: skip
+        boxes = torch.from_numpy(np.asarray(out["bboxes"], np.float32).reshape(-1, 4))
+        keep = torch.as_tensor(np.asarray(out["index"], np.int64))  # boxes albumentations dropped take their masks along
         target = {
-            "boxes": box_convert(torch.from_numpy(boxes), "xywh", "xyxy"),
-            "labels": torch.as_tensor(labels, dtype=torch.int64),
-            "masks": torch.from_numpy(np.ascontiguousarray(masks)),
-            **meta,
+            "boxes": box_convert(boxes, "xywh", "xyxy"),
+            "labels": torch.as_tensor(np.asarray(out["labels"], np.int64)),
+            "masks": torch.as_tensor(out["masks"])[keep],
         }
-        return to_tensor(image), target
+        return out["image"], target
 
 
-class ImageFiles(Dataset):
-    """The images of a folder (sorted, by extension) at original size, for prediction."""
-
-    def __init__(self, folder: str | os.PathLike):
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"prediction folder {folder} does not exist")
-        self.paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not self.paths:
-            raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, index: int) -> Sample:
-        path = self.paths[index]
-        return to_tensor(read_image(path)), {"image_id": None, "file_name": path.name}
-
-
-def collate(batch: list[Sample]) -> tuple[list[Tensor], list[dict[str, Any]]]:
-    """Variable-size images: a list of images and a list of targets."""
-    images, targets = zip(*batch)
-    return list(images), list(targets)
+def eval_transform() -> A.Compose:
+    """Evaluation and prediction images: the original size, as float in [0, 1] (the detector resizes and
+    normalises them itself)."""
+    return A.Compose([A.ToFloat(max_value=255.0), ToTensorV2()])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -384,9 +341,13 @@ class COCODataModule(SwinDataModule):
         crop_size: range of the crop's height and width.
         synthetic: write the synthetic shapes dataset (``shapes.write_coco``) to ``root`` when it is missing.
         synthetic_kwargs: arguments of ``shapes.write_coco`` (``num_train``, ``num_val``, ``image_size``, ``seed``).
+
+    Batches are dicts of lists (images differ in size): ``image``, ``target``, ``image_id``, ``path``; predict
+    batches ``image``, ``path``, ``size`` for a ``predict_root`` folder, else the validation split's samples.
     """
 
     drop_last = False  # detection batches are small; the last one still teaches
+    write_synthetic = staticmethod(shapes.write_coco)
 
     def __init__(
         self,
@@ -409,32 +370,21 @@ class COCODataModule(SwinDataModule):
         synthetic: bool = False,
         synthetic_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers)
-        self.root = Path(root)
+        super().__init__(root, batch_size, num_workers, None, predict_root, synthetic, synthetic_kwargs)
         self.splits = {
             "train": (train_ann, train_images),
             "val": (val_ann, val_images),
             "test": (test_ann or val_ann, test_images or val_images),
         }
-        self.predict_root = predict_root
         self.train_sizes = tuple(train_sizes)
         self.max_size = max_size
         self.transform_kwargs = dict(hflip=hflip, crop_prob=crop_prob, crop_resize=crop_resize, crop_size=crop_size)
-        self.synthetic = synthetic
-        self.synthetic_kwargs = dict(synthetic_kwargs or {})
         self._cocos: dict[Path, COCO] = {}
 
     # -- data on disk ---------------------------------------------------------------------------------------------
-    def prepare_data(self) -> None:
-        self._ensure()
-
-    def _ensure(self) -> None:
-        if self.synthetic:
-            shapes.ensure(self.root, shapes.write_coco, **self.synthetic_kwargs)
-
     def coco(self, split: str) -> COCO:
         """The checked annotation index of ``split`` (read once)."""
-        self._ensure()
+        self.prepare_data()
         path = self.root / self.splits[split][0]
         if path not in self._cocos:
             self._cocos[path] = read_coco(path)
@@ -442,7 +392,7 @@ class COCODataModule(SwinDataModule):
 
     def _category_source(self) -> str:
         """The split the class list comes from: validation (the small file) when present, else training."""
-        self._ensure()
+        self.prepare_data()
         for split in ("val", "train"):
             if (self.root / self.splits[split][0]).is_file():
                 return split
@@ -495,8 +445,8 @@ class COCODataModule(SwinDataModule):
             self.datasets["test"] = self._dataset("test", train=False)
         if stage == "predict":
             self.datasets["predict"] = (
-                ImageFiles(self.predict_root) if self.predict_root else self._dataset("val", train=False)
+                self.predict_dataset(eval_transform()) if self.predict_root else self._dataset("val", train=False)
             )
 
     def collate_fn(self, train: bool) -> Callable:
-        return collate
+        return collate_lists

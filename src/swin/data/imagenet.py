@@ -4,77 +4,54 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-from PIL import Image
-from torch import Tensor
 from torch.utils.data import Dataset
 
 from swin.data import shapes
 from swin.data.base import SwinDataModule
+from swin.data.io import IMAGE_EXTENSIONS, list_images, read_image
 from swin.data.transforms import classification_transforms
 
-IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
-
-
-def is_image_file(path: Path) -> bool:
-    """A file whose extension is one of :data:`IMAGE_EXTENSIONS`, in any case (.JPEG, .jpg, .PNG ...)."""
-    return path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS
-
-
-def list_images(folder: Path) -> list[Path]:
-    """The image files under ``folder`` (recursively, sorted); other files are ignored."""
-    return sorted(p for p in folder.rglob("*") if is_image_file(p))
-
-
-def read_rgb(path: str | Path) -> np.ndarray:
-    """Decode an image file into an H×W×3 uint8 RGB array; an unreadable file raises an error naming it."""
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:  # PIL's errors for bad files
-        raise RuntimeError(f"cannot read image {path}: {error}") from error
-
+EXTENSIONS = " ".join(IMAGE_EXTENSIONS)
 
 def _layout_help(root: Path, splits: Sequence[str]) -> str:
     lines = [f"  {root}/"] + [f"    {split}/<class>/<image>.JPEG" for split in splits]
-    return "expected the ImageFolder layout (.JPEG .jpg .jpeg .png):\n" + "\n".join(lines)
+    return f"expected the ImageFolder layout ({EXTENSIONS}, any case):\n" + "\n".join(lines)
 
 
 class ImageFolderDataset(Dataset):
-    """Images with integer labels, or with their paths when ``labels`` is None (prediction).
+    """Labelled images: samples ``{"image": the transform's CHW float tensor, "label": int, "path": str}``."""
 
-    Items are ``(image, label)`` or ``(image, path string)``, the image being the transform's CHW float tensor.
-    """
-
-    def __init__(self, paths: Sequence[Path], labels: Sequence[int] | None, transform: Callable):
+    def __init__(self, paths: Sequence[Path], labels: Sequence[int], transform: Callable[..., dict[str, Any]]):
         self.paths = list(paths)
-        self.labels = labels
+        self.labels = list(labels)
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int | str]:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.paths[index]
-        image = self.transform(image=read_rgb(path))["image"]
-        return image, (str(path) if self.labels is None else self.labels[index])
+        image = self.transform(image=read_image(path))["image"]
+        return {"image": image, "label": self.labels[index], "path": str(path)}
 
 
 class ImageNetDataModule(SwinDataModule):
     """ImageNet in the ImageFolder layout: ``root/train/<class>/*.JPEG``, ``root/val/<class>/*.JPEG``.
 
     Classes are the sorted folder names of the train split; the val split must hold the same folders. Files
-    are found recursively inside each class folder; only .JPEG/.jpg/.jpeg/.png files (any case) count, other
-    files and hidden class folders are ignored, and a class folder without images is an error. A missing root or split
-    is an error that shows the expected layout. A corrupt or unreadable image stops the run with an error
-    naming the file (raised where the image is decoded, so it also surfaces from DataLoader workers); it is
-    never skipped. The test split is the val split; ``predict_root`` is any folder of images, searched
-    recursively, and predict batches are ``(images, paths)``.
+    are found recursively inside each class folder; only image files (:data:`swin.data.io.IMAGE_EXTENSIONS`, any
+    case) count, other files and hidden folders are ignored, and a class folder without images is an error. A
+    missing root or split is an error that shows the expected layout. A corrupt or unreadable image stops the run
+    with an error naming the file (raised where the image is decoded, so it also surfaces from DataLoader workers);
+    it is never skipped. The test split is the val split; ``predict_root`` is any folder of images, searched
+    recursively. Samples are dicts: ``image``, ``label``, ``path`` (predict: ``image``, ``path``, ``size``).
 
     With ``synthetic=True`` a missing ``root`` is first filled with the deterministic "shapes" demo data
-    (:func:`swin.data.shapes.write_imagefolder`, written atomically), on the first access of
-    ``num_classes``/``class_names`` or in ``prepare_data``; an existing root is used as it is.
+    (:func:`swin.data.shapes.write_imagefolder` with ``synthetic_kwargs``: ``num_train`` and ``num_val`` images
+    per class, ``image_size``, ``seed``), on the first access of ``num_classes``/``class_names`` or in
+    ``prepare_data``.
 
     Args:
         root: dataset folder.
@@ -89,10 +66,10 @@ class ImageNetDataModule(SwinDataModule):
         train_split: folder of the training split under ``root``.
         val_split: folder of the validation (and test) split under ``root``.
         synthetic: write the shapes demo data into ``root`` if it is missing.
-        synthetic_train_per_class: demo training images per class.
-        synthetic_val_per_class: demo validation images per class.
-        synthetic_image_size: side of the demo images.
+        synthetic_kwargs: arguments of :func:`swin.data.shapes.write_imagefolder`.
     """
+
+    write_synthetic = staticmethod(shapes.write_imagefolder)
 
     def __init__(
         self,
@@ -108,28 +85,16 @@ class ImageNetDataModule(SwinDataModule):
         train_split: str = "train",
         val_split: str = "val",
         synthetic: bool = False,
-        synthetic_train_per_class: int = 300,
-        synthetic_val_per_class: int = 40,
-        synthetic_image_size: int = 64,
+        synthetic_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(batch_size, num_workers)
-        self.save_hyperparameters()
-        self.root = Path(root)
+        super().__init__(root, batch_size, num_workers, None, predict_root, synthetic, synthetic_kwargs)
         self.image_size = image_size
-        self.predict_root = predict_root
+        self.augment = dict(
+            randaugment=randaugment, color_jitter=color_jitter, random_erasing=random_erasing, crop_scale=tuple(crop_scale)
+        )
         self.train_split = train_split
         self.val_split = val_split
         self._classes: list[str] | None = None
-
-    def prepare_data(self) -> None:
-        if self.hparams.synthetic:
-            shapes.ensure(
-                self.root,
-                shapes.write_imagefolder,
-                num_train_per_class=self.hparams.synthetic_train_per_class,
-                num_val_per_class=self.hparams.synthetic_val_per_class,
-                image_size=self.hparams.synthetic_image_size,
-            )
 
     def _split_dir(self, split: str) -> Path:
         folder = self.root / split
@@ -172,20 +137,13 @@ class ImageNetDataModule(SwinDataModule):
         for label, name in enumerate(classes):
             images = list_images(self.root / split / name)
             if not images:
-                raise FileNotFoundError(f"no images (.JPEG .jpg .jpeg .png) in class folder {self.root / split / name}")
+                raise FileNotFoundError(f"no images ({EXTENSIONS}, any case) in class folder {self.root / split / name}")
             paths += images
             labels += [label] * len(images)
         return ImageFolderDataset(paths, labels, self._transform(train))
 
-    def _transform(self, train: bool) -> Callable:
-        return classification_transforms(
-            self.image_size,
-            train=train,
-            randaugment=self.hparams.randaugment,
-            color_jitter=self.hparams.color_jitter,
-            random_erasing=self.hparams.random_erasing,
-            crop_scale=tuple(self.hparams.crop_scale),
-        )
+    def _transform(self, train: bool) -> Callable[..., dict[str, Any]]:
+        return classification_transforms(self.image_size, train=train, **self.augment)
 
     def setup(self, stage: str) -> None:
         if stage == "fit":
@@ -193,11 +151,4 @@ class ImageNetDataModule(SwinDataModule):
         if stage in ("fit", "validate", "test"):
             self.datasets["val"] = self._split_dataset(self.val_split, train=False)
         if stage == "predict":
-            if self.predict_root is None:
-                raise ValueError("predict needs a folder of images: set data.predict_root")
-            if not Path(self.predict_root).is_dir():
-                raise FileNotFoundError(f"predict_root {self.predict_root} is not a folder")
-            images = list_images(Path(self.predict_root))
-            if not images:
-                raise FileNotFoundError(f"no images (.JPEG .jpg .jpeg .png) under predict_root {self.predict_root}")
-            self.datasets["predict"] = ImageFolderDataset(images, None, self._transform(train=False))
+            self.datasets["predict"] = self.predict_dataset(self._transform(train=False))

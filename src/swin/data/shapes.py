@@ -165,15 +165,12 @@ def _scene_objects(rng: np.random.Generator, max_objects: int) -> list[tuple[int
 
 
 def write_imagefolder(
-    root: str | Path,
-    num_train_per_class: int = 100,
-    num_val_per_class: int = 20,
-    image_size: int | Sequence[int] = 64,
-    seed: int = 0,
+    root: str | Path, num_train: int = 100, num_val: int = 20, image_size: int | Sequence[int] = 64, seed: int = 0
 ) -> None:
-    """Write ``root/{train,val}/<class>/<class>_<i>.JPEG``: one large shape per image, ImageNet style."""
+    """Write ``root/{train,val}/<class>/<class>_<i>.JPEG``: one large shape per image, ImageNet style; ``num_train``
+    and ``num_val`` images per class."""
     root = Path(root)
-    for split, count in (("train", num_train_per_class), ("val", num_val_per_class)):
+    for split, count in (("train", num_train), ("val", num_val)):
         for cls, name in enumerate(SHAPE_CLASSES):
             folder = root / split / name
             folder.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,8 @@
-"""What every task shares: the backbone and its pretrained weights, parameter groups, schedules, learning-rate scaling.
+"""What every task shares: the network and its pretrained backbone, parameter groups, schedules, learning-rate scaling.
 
-Subclasses implement ``configure_models`` (set ``self.backbone`` and their head), ``configure_losses`` and
-``configure_metrics``, and the steps. Optimisation lives here once: fused AdamW with no weight decay on 1-D
+Subclasses implement ``configure_models`` (set ``self.model``, the whole network: Swin and the task's head),
+``configure_losses`` and ``configure_metrics``, and the steps, which read dict batches (``image`` plus ``label``,
+``target`` or ``mask``). Optimisation lives here once: fused AdamW with no weight decay on 1-D
 parameters, biases, relative position tables and the absolute position embedding; optional layer-wise
 learning-rate decay of the backbone; a linear warm-up followed by a cosine, poly or step schedule, stepped every
 optimiser step; the learning rate is given per ``lr_batch_size`` images and scaled by the real global batch.
@@ -11,18 +12,16 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from swin.callbacks import SLURMRequeue
-from swin.models import SwinTransformer, build_swin
-from swin.models.weights import load_pretrained
+from swin.models import SwinTransformer, build_swin, load_pretrained
 
 Schedule = Literal["cosine", "poly", "step", "constant"]
 
@@ -124,6 +123,8 @@ class BaseTask(LightningModule):
         poly_power: exponent of the poly schedule.
         milestones: epochs at which the step schedule multiplies the learning rate by ``gamma``.
         gamma: factor of the step schedule.
+        **removed: arguments of older versions (``removed_hparams``), which their checkpoints still carry: ignored
+            with a warning; anything else is an error.
     """
 
     def __init__(
@@ -145,26 +146,53 @@ class BaseTask(LightningModule):
         poly_power: float = 1.0,
         milestones: Sequence[float] = (),
         gamma: float = 0.1,
+        **removed: Any,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()  # the subclass's arguments too
+        unknown = sorted(set(removed) - set(self.removed_hparams))
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected arguments {unknown}")
+        for name in removed:  # saved with older checkpoints, which --ckpt_path passes back
+            rank_zero_warn(f"{type(self).__name__}: {name!r} moved to {self.removed_hparams[name]}; ignored here")
+        self.save_hyperparameters(ignore=list(removed))  # the subclass's arguments too
         names, count = self.hparams.get("class_names"), self.hparams.get("num_classes")
         if names is not None and len(names) != count:
             raise ValueError(f"class_names has {len(names)} names for num_classes={count}")
-        self.backbone: SwinTransformer
+        self.model: nn.Module
         self.configure_models()
         if pretrained:
             load_pretrained(self.backbone, pretrained)
         self.configure_losses()
         self.configure_metrics()
 
-    #: the validation metric that picks the best checkpoint (higher is better)
+    #: the validation metric that picks the best checkpoint
     monitor: str = "val/loss"
     monitor_mode: Literal["min", "max"] = "min"
+    #: state-dict prefixes of checkpoints written before the network moved to ``self.model`` (old → new)
+    legacy_prefixes: dict[str, str] = {}
+    #: arguments older versions took, and where they went
+    removed_hparams: dict[str, str] = {}
+
+    @property
+    def backbone(self) -> SwinTransformer:
+        """The Swin inside ``self.model`` (what ``pretrained`` loads into and layer decay groups)."""
+        return next(m for m in self.model.modules() if isinstance(m, SwinTransformer))
+
+    @property
+    def class_names(self) -> list[str]:
+        """The class names (``class_names``, else the class indices as strings), for predictions."""
+        return list(self.hparams.get("class_names") or map(str, range(self.hparams.num_classes)))
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rename the keys of checkpoints from before ``self.model`` (see ``legacy_prefixes``)."""
+        state = checkpoint.get("state_dict", {})
+        for old, new in self.legacy_prefixes.items():
+            for key in [k for k in state if k.startswith(old)]:
+                state[new + key[len(old) :]] = state.pop(key)
 
     # -- hooks for subclasses ------------------------------------------------------------------------------------
     def configure_models(self) -> None:
-        """Build ``self.backbone`` and the task's head."""
+        """Build ``self.model``, the task's whole network."""
         raise NotImplementedError
 
     def configure_losses(self) -> None:
@@ -189,23 +217,6 @@ class BaseTask(LightningModule):
         # Lightning's save_last refreshes last.ckpt only when a best checkpoint is saved: a second callback does it
         last = ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
         return [best, last, SLURMRequeue()]
-
-    def output_dir(self) -> Path:
-        """The run folder (the loggers' version folder), where predictions are written; callable on one rank."""
-        logger = self.trainer.logger  # not trainer.log_dir: that broadcasts, so rank 0 alone could not call it
-        return Path(logger.log_dir if logger is not None and logger.log_dir else self.trainer.default_root_dir)
-
-    def gather_objects(self, items: list[Any]) -> list[Any]:
-        """Every rank's ``items`` concatenated (in rank order), on every rank; the list itself when not distributed.
-
-        Under DDP the distributed sampler pads the last batch with repeats: callers deduplicate by a key.
-        """
-        dist = torch.distributed
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return items
-        parts: list[list[Any]] = [[] for _ in range(dist.get_world_size())]
-        dist.all_gather_object(parts, items)
-        return [item for part in parts for item in part]
 
     # -- optimisation ---------------------------------------------------------------------------------------------
     def global_batch_size(self) -> int:

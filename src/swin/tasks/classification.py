@@ -1,8 +1,11 @@
-"""Image classification: Swin + linear head, the paper's ImageNet recipe (mixup / cutmix, label smoothing, EMA)."""
+"""Image classification: Swin + linear head, the paper's ImageNet recipe (mixup / cutmix, label smoothing, EMA).
+
+Batches are dicts: ``image`` (B, 3, H, W) and ``label`` (B,); predict batches ``image`` and ``path``. A prediction is
+the class probabilities of every image (:class:`swin.writers.ClassificationCSVWriter` writes their top k).
+"""
 
 from __future__ import annotations
 
-import csv
 from typing import Any
 
 import torch
@@ -29,12 +32,13 @@ class ClassificationTask(BaseTask):
         switch_prob: probability of cutmix rather than mixup when both are on.
         ema_decay: exponential moving average of the weights (e.g. 0.9998), used for validation, test and
             predict; None for off.
-        top_k: classes per image in ``predictions.csv``.
         **kwargs: :class:`~swin.tasks.base.BaseTask` arguments (backbone, pretrained, lr, schedule, ...).
     """
 
     monitor = "val/acc1"
     monitor_mode = "max"
+    removed_hparams = {"top_k": "swin.writers.ClassificationCSVWriter(top_k)"}
+    legacy_prefixes = {"backbone.": "model."}
 
     def __init__(
         self,
@@ -46,17 +50,16 @@ class ClassificationTask(BaseTask):
         mix_prob: float = 1.0,
         switch_prob: float = 0.5,
         ema_decay: float | None = None,
-        top_k: int = 5,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
 
     def configure_models(self) -> None:
         hp = self.hparams
-        self.backbone = self.build_backbone(num_classes=hp.num_classes)
+        self.model = self.build_backbone(num_classes=hp.num_classes)
         self.ema = None
         if hp.ema_decay is not None:
-            self.ema = AveragedModel(self.backbone, multi_avg_fn=get_ema_multi_avg_fn(hp.ema_decay), use_buffers=True)
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(hp.ema_decay), use_buffers=True)
             self.ema.requires_grad_(False)
 
     def configure_losses(self) -> None:
@@ -94,61 +97,36 @@ class ClassificationTask(BaseTask):
 
     def eval_model(self) -> torch.nn.Module:
         """The EMA weights when on, else the trained ones."""
-        return self.ema.module if self.ema is not None else self.backbone
+        return self.ema.module if self.ema is not None else self.model
 
     def forward(self, images: Tensor) -> Tensor:
         return self.eval_model()(images)
 
     # -- steps ----------------------------------------------------------------------------------------------------
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, labels = batch
-        images, targets = self.mix(images, labels)
-        loss = F.cross_entropy(self.backbone(images), targets)
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        images, targets = self.mix(batch["image"], batch["label"])
+        loss = F.cross_entropy(self.model(images), targets)
         self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.ema is not None:
-            self.ema.update_parameters(self.backbone)
+            self.ema.update_parameters(self.model)
 
-    def _evaluate(self, batch: tuple[Tensor, Tensor], metrics: MetricCollection, stage: str) -> None:
-        images, labels = batch
+    def _evaluate(self, batch: dict[str, Any], metrics: MetricCollection, stage: str) -> None:
+        images, labels = batch["image"], batch["label"]
         logits = self(images)
         loss = F.cross_entropy(logits, labels)
         metrics.update(logits, labels)
         self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=images.shape[0])
         self.log_dict(metrics, prog_bar=stage == "val", batch_size=images.shape[0])
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics, "val")
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, "test")
 
-    # -- predict: predictions.csv ---------------------------------------------------------------------------------
-    def on_predict_epoch_start(self) -> None:
-        self._rows: list[tuple[str, list[int], list[float]]] = []
-
-    def predict_step(self, batch: tuple[Tensor, list[str]], batch_idx: int) -> Tensor:
-        images, paths = batch
-        probs = self(images).softmax(dim=-1)
-        top = probs.topk(min(self.hparams.top_k, probs.shape[-1]), dim=-1)
-        for path, idx, p in zip(paths, top.indices.tolist(), top.values.tolist()):
-            self._rows.append((str(path), idx, p))
-        return probs
-
-    def on_predict_epoch_end(self) -> None:
-        rows = {path: (idx, p) for path, idx, p in self.gather_objects(self._rows)}  # DDP pads with repeats
-        if not self.trainer.is_global_zero:
-            return
-        names = self.hparams.class_names or [str(i) for i in range(self.hparams.num_classes)]
-        k = min(self.hparams.top_k, self.hparams.num_classes)
-        out = self.output_dir() / "predictions.csv"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["path"] + [f"{c}{i}" for i in range(1, k + 1) for c in ("class", "prob")])
-            for path in sorted(rows):
-                idx, p = rows[path]
-                writer.writerow([path] + [v for i, q in zip(idx, p) for v in (names[i], f"{q:.6f}")])
-        print(f"[swin] wrote {len(rows)} predictions to {out}")
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """``{"path": [...], "probs": (B, K)}``: the class probabilities of every image."""
+        return {"path": batch["path"], "probs": self(batch["image"]).softmax(dim=-1)}

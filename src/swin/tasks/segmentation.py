@@ -3,52 +3,24 @@
 Training: cross-entropy (ignore index 255) of the decode logits plus ``aux_weight`` × that of the auxiliary
 logits, both resized to the label size. Evaluation: whole-image or sliding-window inference, resized to the
 annotation's own size before the metrics (mIoU, pixel accuracy); test and predict may add multi-scale and flip
-test-time augmentation. Predict writes a palette label PNG and an overlay PNG per image.
+test-time augmentation. Batches are dicts: ``image`` and ``mask`` (evaluation: lists, sizes differ), predict batches
+``image``, ``path`` and ``size``. A prediction is one class map per image at its file's size
+(:class:`swin.writers.SegmentationWriter` writes palette PNGs and overlays).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import torch
-from PIL import Image
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
-from swin.models import SwinTransformer
-from swin.models.upernet import FCNHead, Segmentor, UperNetHead
+from swin.models import build_upernet
 from swin.tasks.base import BaseTask, Schedule
 
-__all__ = ["SegmentationTask", "label_palette", "save_label_png", "save_overlay_png"]
-
-
-def label_palette(num_classes: int) -> np.ndarray:
-    """(num_classes, 3) uint8 colours, PASCAL VOC's bit-interleaved palette (class 0 is not black here)."""
-    ids = np.arange(1, num_classes + 1)
-    colours = np.zeros((num_classes, 3), np.int64)
-    for shift in range(8):
-        for channel in range(3):
-            colours[:, channel] |= ((ids >> (3 * shift + channel)) & 1) << (7 - shift)
-    return colours.astype(np.uint8)
-
-
-def save_label_png(label: np.ndarray, palette: np.ndarray, path: Path) -> None:
-    """An H×W class map as a palette ('P' mode) PNG: pixel values are class indices, colours from ``palette``."""
-    if len(palette) > 256:
-        raise ValueError(f"a palette PNG holds at most 256 classes, not {len(palette)}")
-    image = Image.fromarray(label.astype(np.uint8))
-    image.putpalette(palette.reshape(-1).tolist())
-    image.save(path)
-
-
-def save_overlay_png(image: np.ndarray, label: np.ndarray, palette: np.ndarray, path: Path, alpha: float = 0.5) -> None:
-    """The H×W×3 uint8 image blended with the class colours of ``label`` (weight ``alpha``)."""
-    blend = (1 - alpha) * image.astype(np.float32) + alpha * palette[label].astype(np.float32)
-    Image.fromarray(blend.round().clip(0, 255).astype(np.uint8)).save(path)
+__all__ = ["SegmentationTask"]
 
 
 class SegmentationTask(BaseTask):
@@ -69,7 +41,6 @@ class SegmentationTask(BaseTask):
         stride: sliding-window step (H, W) or one side.
         test_scales: image scales averaged in test and predict (e.g. 0.5 … 1.75 for the paper's multi-scale).
         test_flip: also average the horizontal mirror in test and predict.
-        overlay_alpha: weight of the class colours in the overlay PNGs.
         **kwargs: the other :class:`~swin.tasks.base.BaseTask` arguments (backbone, backbone_kwargs, pretrained, betas, layer_decay, ...).
 
     The remaining arguments are :class:`~swin.tasks.base.BaseTask`'s with the ADE20K recipe as defaults: AdamW
@@ -78,6 +49,7 @@ class SegmentationTask(BaseTask):
 
     monitor = "val/miou"
     monitor_mode = "max"
+    removed_hparams = {"overlay_alpha": "swin.writers.SegmentationWriter(overlay_alpha)"}
 
     def __init__(
         self,
@@ -95,7 +67,6 @@ class SegmentationTask(BaseTask):
         stride: int | tuple[int, int] = 341,
         test_scales: Sequence[float] = (1.0,),
         test_flip: bool = False,
-        overlay_alpha: float = 0.5,
         lr: float = 6e-5,
         lr_batch_size: int | None = 16,
         weight_decay: float = 0.01,
@@ -118,20 +89,18 @@ class SegmentationTask(BaseTask):
             **kwargs,
         )
 
-    @property
-    def backbone(self) -> SwinTransformer:
-        """The segmentor's backbone (what :class:`BaseTask` loads weights into and groups parameters of)."""
-        return self.model.backbone
-
     def configure_models(self) -> None:
         hp = self.hparams
-        backbone = self.build_backbone(num_classes=None, out_indices=(0, 1, 2, 3))
-        widths = backbone.out_channels
-        decode_head = UperNetHead(widths, hp.num_classes, hp.channels, hp.pool_scales, hp.dropout)
-        aux_head = None
-        if hp.aux_weight > 0:
-            aux_head = FCNHead(widths[2], hp.num_classes, hp.aux_channels, hp.aux_num_convs, hp.dropout)
-        self.model = Segmentor(backbone, decode_head, aux_head, aux_index=2)
+        self.model = build_upernet(
+            self.build_backbone(num_classes=None, out_indices=(0, 1, 2, 3)),
+            hp.num_classes,
+            channels=hp.channels,
+            pool_scales=hp.pool_scales,
+            dropout=hp.dropout,
+            auxiliary=hp.aux_weight > 0,
+            aux_channels=hp.aux_channels,
+            aux_num_convs=hp.aux_num_convs,
+        )
 
     def configure_losses(self) -> None:
         self.criterion = nn.CrossEntropyLoss(ignore_index=self.hparams.ignore_index, reduction="sum")
@@ -184,17 +153,10 @@ class SegmentationTask(BaseTask):
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, self.test_metrics, tta=True)
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[str]:
-        """Write ``<stem>.png`` (palette labels at the image's size) and ``<stem>_overlay.png`` into
-        ``output_dir()/predictions``; returns the label files written."""
-        folder = self.output_dir() / "predictions"
-        folder.mkdir(parents=True, exist_ok=True)
-        palette = label_palette(self.hparams.num_classes)
-        written = []
-        for image, original, path in zip(batch["image"], batch["original"], batch["path"]):
-            label = self.infer(image[None], original.shape[:2], tta=True).argmax(dim=1)[0].cpu().numpy()
-            stem = Path(path).stem
-            save_label_png(label, palette, folder / f"{stem}.png")
-            save_overlay_png(original, label, palette, folder / f"{stem}_overlay.png", self.hparams.overlay_alpha)
-            written.append(str(folder / f"{stem}.png"))
-        return written
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """``{"path": [...], "label": [(H, W) class indices at each file's size]}`` (with the test-time views)."""
+        labels = [
+            self.infer(image[None], size.tolist(), tta=True).argmax(dim=1)[0]
+            for image, size in zip(batch["image"], batch["size"])
+        ]
+        return {"path": batch["path"], "label": labels}
