@@ -21,6 +21,7 @@ demo: setup
 	$(PY) -m swin.demo $(TASK)
 
 bench: setup
+	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) -m swin.bench
 
 clean:
