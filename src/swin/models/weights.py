@@ -1,9 +1,17 @@
 """Load any published Swin checkpoint into :class:`~swin.models.swin.SwinTransformer`.
 
-Recognised layouts (see REFERENCE.md): the official microsoft release, timm, torchvision, OpenMMLab (mmdet / mmseg
-backbones, also under ``backbone.`` inside a detector or segmentor) and this project's own Lightning checkpoints
-(any prefix in front of the backbone's keys). All are converted to the official layout, which this project's
-backbone uses. Files are read with ``torch.load(weights_only=True)``.
+Recognised layouts, each converted to the official one, which this project's backbone uses:
+
+- official microsoft release: ``{'model': state_dict}``; ``layers.{i}.downsample`` ends stage i; buffers
+  ``relative_position_index`` and ``attn_mask`` (dropped);
+- timm: the downsample starts stage i + 1 (``layers.{i+1}.downsample``), head ``head.fc``;
+- torchvision: ``features.0`` patch embedding, ``features.{1,3,5,7}`` blocks (``mlp.0`` / ``mlp.3``),
+  ``features.{2,4,6}`` patch merging;
+- OpenMMLab (mmdet / mmseg backbones, also under ``backbone.`` inside a detector or segmentor): ``stages.{i}``,
+  ``attn.w_msa``, ``ffn.layers``, ``patch_embed.projection``, patch merging channels in nn.Unfold order;
+- this project's Lightning checkpoints: any prefix in front of the backbone's keys.
+
+Files are read with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
