@@ -64,8 +64,14 @@ def test_old_checkpoint_resumes_validates_and_loads_its_backbone(task, tmp_path,
     for key, value in old_state.items():
         torch.testing.assert_close(state[_rename(key, renamed)], value, rtol=0, atol=0, msg=key)
 
-    cli = run("fit", config, tmp_path, monkeypatch, "--ckpt_path", str(ckpt))  # optimizer and schedule restored
-    assert cli.trainer.global_step == old["global_step"] + 1 and cli.trainer.current_epoch == 2
+    cli = run("fit", config, tmp_path, monkeypatch, "--ckpt_path", str(ckpt))
+    # the optimizer and the schedule carry on from the checkpoint's step count (how many batches Lightning
+    # replays in the restarted epoch differs between its releases, so only the continuity is asserted)
+    steps = cli.trainer.global_step
+    assert steps > old["global_step"] and cli.trainer.current_epoch == 2
+    adam_steps = {int(s["step"]) for s in cli.trainer.optimizers[0].state.values()}
+    assert adam_steps == {steps}, (adam_steps, steps)
+    assert cli.trainer.lr_scheduler_configs[0].scheduler.last_epoch == steps
 
     kwargs = {"num_classes": 5} if task == "classification" else {"num_classes": None, "out_indices": (0, 1, 2, 3)}
     backbone_kwargs = model["init_args"]["backbone_kwargs"]
