@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import signal
+import statistics
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
@@ -72,3 +77,79 @@ class SLURMRequeue(Callback):
             keep = self._previous not in (None, signal.SIG_DFL)
             signal.signal(self._signum, self._previous if keep else signal.SIG_IGN)
             self._signum = None
+
+
+class StepTimer(Callback):
+    """Time every training step after ``warmup_steps`` (synchronising the device), and record the peak device memory
+    and the GPU utilisation; writes a JSON summary to ``output`` at the end of fit (rank 0).
+
+    Args:
+        output: JSON file for the summary (median and mean step seconds, images per second, peak memory, GPU
+            utilisation sampled at each step end).
+        warmup_steps: steps left out of the timing (compilation, allocator warm-up, cuDNN autotuning).
+    """
+
+    def __init__(self, output: str, warmup_steps: int = 5) -> None:
+        self.output = output
+        self.warmup_steps = warmup_steps
+        self._times: list[float] = []
+        self._utilisation: list[float] = []
+        self._start = 0.0
+        self._batch = 0
+
+    def _sync(self, pl_module: LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        self._sync(pl_module)
+        self._start = time.perf_counter()
+        images = batch["image"] if isinstance(batch, dict) else batch
+        self._batch = images.shape[0] if isinstance(images, torch.Tensor) else len(images)
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        self._sync(pl_module)
+        if trainer.global_step > self.warmup_steps:
+            self._times.append(time.perf_counter() - self._start)
+            if pl_module.device.type == "cuda":
+                with contextlib.suppress(Exception):  # needs pynvml; absent: no utilisation figure
+                    self._utilisation.append(float(torch.cuda.utilization(pl_module.device)))
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        summary: dict[str, Any] = {"steps_timed": len(self._times), "batch_per_device": self._batch}
+        if self._times:
+            median = statistics.median(self._times)
+            summary.update(
+                step_s_median=median,
+                step_s_mean=statistics.fmean(self._times),
+                images_per_s=self._batch * trainer.world_size / median,
+            )
+        if pl_module.device.type == "cuda":
+            summary["peak_memory_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+        if self._utilisation:
+            summary["gpu_utilisation_pct"] = statistics.fmean(self._utilisation)
+        Path(self.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.output).write_text(json.dumps(summary, indent=1))
+
+
+class CompileModel(Callback):
+    """``torch.compile`` the task's network in place (``self.model.compile()``: the state dict keeps its keys, so
+    checkpoints are those of the eager model) when fit, validate, test or predict start.
+
+    Args:
+        backend: the ``torch.compile`` backend (``inductor``; ``aot_eager`` to check tracing quickly).
+        mode: the ``torch.compile`` mode (None, ``max-autotune``, ``reduce-overhead``, ...).
+    """
+
+    def __init__(self, backend: str = "inductor", mode: str | None = None) -> None:
+        self.backend = backend
+        self.mode = mode
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        pl_module.model.compile(backend=self.backend, mode=self.mode)

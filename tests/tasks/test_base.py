@@ -87,6 +87,8 @@ def test_learning_rate_follows_the_global_batch():
 def test_optimizer_is_fused_adamw_at_the_scaled_lr_stepped_per_iteration():
     from types import SimpleNamespace
 
+    from lightning.pytorch.plugins.precision import Precision
+
     from swin.tasks.classification import ClassificationTask
 
     task = ClassificationTask(
@@ -94,7 +96,7 @@ def test_optimizer_is_fused_adamw_at_the_scaled_lr_stepped_per_iteration():
     )
     trainer = SimpleNamespace(
         datamodule=SimpleNamespace(batch_size=256), world_size=2, accumulate_grad_batches=1,
-        estimated_stepping_batches=100, max_epochs=None,
+        estimated_stepping_batches=100, max_epochs=None, precision_plugin=Precision(), gradient_clip_val=None,
     )  # fmt: skip
     task.__dict__["_trainer"] = trainer
     config = task.configure_optimizers()
@@ -118,3 +120,32 @@ def test_class_names_must_match_the_class_count(task_name):
     with pytest.raises(ValueError, match="2 names for num_classes=3"):
         task(num_classes=3, class_names=["a", "b"], backbone="custom", backbone_kwargs=TINY)
     assert task(num_classes=2, class_names=["a", "b"], backbone="custom", backbone_kwargs=TINY).hparams.num_classes == 2
+
+
+def test_gradient_clipping_works_with_the_fused_optimizer_under_bf16():
+    """Lightning refuses to clip for optimizers that unscale themselves (the fused AdamW) even under bf16, where no
+    grad scaler exists; the task clips there itself, by Lightning's own rule."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from swin.tasks.classification import ClassificationTask
+
+    task = ClassificationTask(num_classes=3, backbone="custom", backbone_kwargs=SMALL, lr_batch_size=None)
+    plugin = MixedPrecision("bf16-mixed", "cpu")
+    trainer = SimpleNamespace(
+        precision_plugin=plugin, gradient_clip_val=1.0, datamodule=SimpleNamespace(batch_size=2), world_size=1,
+        accumulate_grad_batches=1, estimated_stepping_batches=10, max_epochs=None,
+    )  # fmt: skip
+    task.__dict__["_trainer"] = trainer
+    optimizer = task.configure_optimizers()["optimizer"]
+    assert optimizer.defaults["fused"]
+    for p in task.parameters():
+        p.grad = torch.full_like(p, 3.0)
+    with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
+        plugin.clip_gradients(optimizer, 1.0)  # what Lightning alone would do
+    task.configure_gradient_clipping(optimizer, 1.0, "norm")
+    norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in task.parameters()]))
+    assert norm == pytest.approx(1.0, rel=1e-3)
+    task.configure_gradient_clipping(optimizer, 0.5, "value")
+    assert max(p.grad.abs().max() for p in task.parameters()) <= 0.5
