@@ -80,6 +80,20 @@ def test_class_folder_without_images_is_an_error(tree):
         dm.setup("fit")
 
 
+def test_images_directly_in_the_split_folder_are_named_in_the_error(tmp_path):
+    for i in range(3):
+        _write(tmp_path / "flat" / "train" / f"{i}.jpg", i)
+    with pytest.raises(FileNotFoundError, match=r"(?s)no class folders in .*flat/train; 3 images lie directly in it"):
+        _dm(tmp_path / "flat").num_classes
+
+
+def test_fewer_images_than_a_batch_is_an_error_not_an_empty_epoch(tree):
+    dm = ImageNetDataModule(str(tree), image_size=32, batch_size=6, num_workers=0, randaugment=False)
+    dm.setup("fit")
+    with pytest.raises(ValueError, match=r"has 5 usable images, fewer than batch_size 6 x 1 process"):
+        dm.train_dataloader()
+
+
 def test_missing_root_or_split_shows_the_layout(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"(?s)does not exist.*train/<class>/<image>\.JPEG") as info:
         _dm(tmp_path / "nowhere").num_classes

@@ -138,3 +138,30 @@ def test_worker_seeding_gives_workers_different_augmentations(tmp_path):
     torch.manual_seed(0)
     assert torch.equal(first, batches(seed_worker_transforms))  # reproducible under a global seed
     assert IMAGENET_STD == (0.229, 0.224, 0.225)
+
+
+def test_real_data_knobs_reach_the_pipelines(image):
+    """Flips, crop ratio, evaluation crop fraction and interpolation are set from the datamodule's YAML."""
+    train = classification_transforms(48, train=True, hflip=0.0, vflip=0.5, crop_ratio=(0.9, 1.1), interpolation="area")
+    assert _types(train)[:2] == ["RandomResizedCrop", "VerticalFlip"] and train.transforms[1].p == 0.5
+    assert train.transforms[0].ratio == (0.9, 1.1) and train.transforms[0].interpolation == 3  # cv2.INTER_AREA
+    whole = classification_transforms(32, train=False, crop_pct=1.0, interpolation="bilinear")
+    assert whole.transforms[0].max_size == 32 and whole.transforms[0].interpolation == 1
+    # crop_pct 1 keeps the whole square image: equal to resizing it to 32² directly
+    square = image[:60, :60]
+    expected = A.Compose([A.Resize(32, 32, interpolation=1), A.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(image=square)
+    torch.testing.assert_close(whole(image=square)["image"], torch.from_numpy(expected["image"]).permute(2, 0, 1))
+    with pytest.raises(ValueError, match="unknown interpolation 'cubic'"):
+        classification_transforms(32, train=False, interpolation="cubic")
+    with pytest.raises(ValueError, match="crop_pct"):
+        classification_transforms(32, train=False, crop_pct=1.5)
+
+
+def test_hflip_zero_never_mirrors():
+    """hflip 0 (text, digits): an image whose left and right halves differ keeps its orientation."""
+    half = np.zeros((32, 32, 3), np.uint8)
+    half[:, :16] = 255
+    transform = classification_transforms(32, train=True, randaugment=False, color_jitter=0.0, random_erasing=0.0,
+                                          crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=0.0)  # fmt: skip
+    outs = torch.stack([transform(image=half)["image"] for _ in range(20)])
+    assert (outs[:, 0, :, :8].mean() > outs[:, 0, :, -8:].mean()) and (outs[:, :, :, :8] > outs[:, :, :, -8:]).all()

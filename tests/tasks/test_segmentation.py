@@ -125,6 +125,19 @@ def test_loss_ignores_255_and_is_finite_without_labels():
     assert task.loss(logits, torch.full_like(target, 255)).item() == 0.0
 
 
+def test_class_weights_give_pytorchs_weighted_mean_and_are_checked():
+    weights = [0.5, 2.0, 1.0, 0.0, 3.0][:NUM_CLASSES] + [1.0] * max(0, NUM_CLASSES - 5)
+    task = tiny_task(class_weights=weights)
+    logits = torch.randn(2, NUM_CLASSES, 4, 4)
+    target = torch.randint(0, NUM_CLASSES, (2, 4, 4))
+    target[0, :2] = 255
+    expected = torch.nn.functional.cross_entropy(logits, target, weight=torch.tensor(weights), ignore_index=255)
+    torch.testing.assert_close(task.loss(logits, target), expected)
+    assert task.loss(logits, torch.full_like(target, 255)).item() == 0.0
+    with pytest.raises(ValueError, match=f"class_weights needs {NUM_CLASSES} non-negative weights"):
+        tiny_task(class_weights=[1.0, 2.0])
+
+
 def test_backbone_is_shared_with_the_segmentor():
     task = tiny_task(aux_weight=0.0)
     assert task.backbone is task.model.backbone and task.model.aux_head is None

@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from swin.data import shapes
 from swin.data.base import SwinDataModule
 from swin.data.io import collate_lists, is_image_file, read_image
-from swin.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from swin.data.transforms import IMAGENET_MEAN, IMAGENET_STD, random_flips
 
 __all__ = [
     "ADE20K_CLASSES",
@@ -107,7 +107,10 @@ def read_label(
     """
     with Image.open(path) as im:
         if im.mode not in ("L", "P", "I", "I;16"):
-            raise ValueError(f"annotation {path} has mode {im.mode}; expected a single-channel label PNG")
+            raise ValueError(
+                f"annotation {path} has mode {im.mode}; expected a single-channel label PNG of class indices "
+                "(an RGB colour-palette mask must first be mapped to indices, e.g. saved as mode 'P' or 'L')"
+            )
         raw = np.asarray(im).astype(np.int64)
     if size is not None and raw.shape != tuple(size):
         height, width = raw.shape
@@ -233,7 +236,8 @@ def train_transform(
     base_size: Sequence[int] = (2048, 512),
     scale_range: Sequence[float] = (0.5, 2.0),
     cat_max_ratio: float = 0.75,
-    flip: bool = True,
+    hflip: float = 0.5,
+    vflip: float = 0.0,
     photometric: bool = True,
 ) -> A.Compose:
     """The mmseg ADE20K training pipeline; returns a normalised CHW float image and an H×W mask of the crop size."""
@@ -241,7 +245,7 @@ def train_transform(
         [
             RandomRescale(base_size, scale_range),
             CatMaxRatioCrop(crop_size, cat_max_ratio, IGNORE_INDEX),
-            A.HorizontalFlip(p=0.5 if flip else 0.0),
+            *random_flips(hflip, vflip),
             *([photometric_distortion()] if photometric else []),
             A.Normalize(IMAGENET_MEAN, IMAGENET_STD),
             A.PadIfNeeded(
@@ -328,7 +332,8 @@ class ADE20KDataModule(SwinDataModule):
         base_size: (long, short) bound of the keep-ratio resize, 2048×512 for ADE20K.
         scale_range: training rescale ratios of ``base_size``.
         cat_max_ratio: the most one class may cover in a training crop (1.0: any crop).
-        flip: random horizontal flips in training.
+        hflip: horizontal-flip probability in training (0.5 in the recipe).
+        vflip: vertical-flip probability in training (0 in the recipe; e.g. 0.5 for aerial or microscope images).
         photometric: photometric distortion in training.
         predict_root: folder of images for ``predict`` (default: ``root/images/validation``).
         synthetic: write synthetic shapes in this layout to ``root`` when it is missing (the demo).
@@ -356,7 +361,8 @@ class ADE20KDataModule(SwinDataModule):
         base_size: tuple[int, int] = (2048, 512),
         scale_range: tuple[float, float] = (0.5, 2.0),
         cat_max_ratio: float = 0.75,
-        flip: bool = True,
+        hflip: float = 0.5,
+        vflip: float = 0.0,
         photometric: bool = True,
         predict_root: str | None = None,
         synthetic: bool = False,
@@ -368,7 +374,7 @@ class ADE20KDataModule(SwinDataModule):
         self.base_size = tuple(base_size)
         self.scale_range = tuple(scale_range)
         self.cat_max_ratio = cat_max_ratio
-        self.flip = flip
+        self.flips = dict(hflip=hflip, vflip=vflip)
         self.photometric = photometric
         self._class_names = resolve_class_names(num_classes, class_names, synthetic)
 
@@ -385,8 +391,9 @@ class ADE20KDataModule(SwinDataModule):
         labelled = dict(num_classes=self.num_classes, reduce_zero_label=self.reduce_zero_label)
         if stage == "fit":
             transform = train_transform(
-                self.crop_size, self.base_size, self.scale_range, self.cat_max_ratio, self.flip, self.photometric
-            )
+                self.crop_size, self.base_size, self.scale_range, self.cat_max_ratio, **self.flips,
+                photometric=self.photometric,
+            )  # fmt: skip
             pairs = paired_files(self.root, "training")
             self.datasets["train"] = ADE20KDataset(pairs, transform=transform, **labelled)
         if stage in ("fit", "validate", "test"):

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from swin.data import shapes
 from swin.data.io import PredictFolder
@@ -80,11 +80,19 @@ class SwinDataModule(LightningDataModule):
         """How samples become a batch (None: PyTorch's default collation)."""
         return None
 
+    def train_sampler(self) -> Sampler | None:
+        """The training loader's sampler (None: shuffle; Lightning shards either under DDP)."""
+        return None
+
     def _loader(self, split: str, train: bool = False) -> DataLoader:
+        sampler = self.train_sampler() if train else None
+        if train and self.drop_last:
+            self._check_enough_for_a_batch(len(self.datasets[split]))
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             drop_last=train and self.drop_last,
             num_workers=self.num_workers,
             collate_fn=self.collate_fn(train),
@@ -92,6 +100,16 @@ class SwinDataModule(LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def _check_enough_for_a_batch(self, size: int) -> None:
+        """Training drops the last incomplete batch: each process needs ``batch_size`` images or it gets none."""
+        processes = self.trainer.world_size if self.trainer is not None else 1
+        if size // processes < self.batch_size:
+            raise ValueError(
+                f"the training split under {self.root} has {size} usable images, fewer than batch_size "
+                f"{self.batch_size} x {processes} process(es): every batch would be dropped (the last incomplete "
+                f"batch is, see {type(self).__name__}); lower data.batch_size or add images"
+            )
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", train=True)

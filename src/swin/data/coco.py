@@ -40,6 +40,7 @@ from torchvision.ops import box_convert
 from swin.data import shapes
 from swin.data.base import SwinDataModule
 from swin.data.io import collate_lists, read_image
+from swin.data.transforms import random_flips
 
 ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox", "segmentation")
 
@@ -203,6 +204,7 @@ def train_transform(
     crop_prob: float = 0.0,
     crop_resize: Sequence[int] = (400, 500, 600),
     crop_size: tuple[int, int] = (384, 600),
+    vflip: float = 0.0,
 ) -> A.Compose:
     """Multi-scale resize and flip of the image, its COCO boxes and its masks; labels travel as ``labels``/``index``.
 
@@ -219,7 +221,7 @@ def train_transform(
         )
         resize = A.OneOf([ShorterSideResize(sizes, max_size, p=1 - crop_prob), crop], p=1.0)
     return A.Compose(
-        [resize, A.HorizontalFlip(p=hflip), A.ToFloat(max_value=255.0), ToTensorV2()],
+        [resize, *random_flips(hflip, vflip), A.ToFloat(max_value=255.0), ToTensorV2()],
         bbox_params=A.BboxParams(format="coco", label_fields=["labels", "index"], clip=True),
         seed=torch.initial_seed() % 2**32,
     )
@@ -336,6 +338,7 @@ class COCODataModule(SwinDataModule):
         train_sizes: shorter sides the training resize draws from (480-800, step 32 in the recipe).
         max_size: longest side of a training image (1333 in the recipe).
         hflip: probability of a horizontal flip in training.
+        vflip: probability of a vertical flip in training (aerial, microscope, document scans).
         crop_prob: share of training images that take the crop policy of the official configs (0.5 there).
         crop_resize: shorter sides before that crop.
         crop_size: range of the crop's height and width.
@@ -364,6 +367,7 @@ class COCODataModule(SwinDataModule):
         train_sizes: Sequence[int] = tuple(range(480, 801, 32)),
         max_size: int = 1333,
         hflip: float = 0.5,
+        vflip: float = 0.0,
         crop_prob: float = 0.0,
         crop_resize: Sequence[int] = (400, 500, 600),
         crop_size: tuple[int, int] = (384, 600),
@@ -378,7 +382,9 @@ class COCODataModule(SwinDataModule):
         }
         self.train_sizes = tuple(train_sizes)
         self.max_size = max_size
-        self.transform_kwargs = dict(hflip=hflip, crop_prob=crop_prob, crop_resize=crop_resize, crop_size=crop_size)
+        self.transform_kwargs = dict(
+            hflip=hflip, vflip=vflip, crop_prob=crop_prob, crop_resize=crop_resize, crop_size=crop_size
+        )
         self._cocos: dict[Path, COCO] = {}
 
     # -- data on disk ---------------------------------------------------------------------------------------------

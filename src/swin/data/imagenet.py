@@ -6,12 +6,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.data import Dataset
 
 from swin.data import shapes
 from swin.data.base import SwinDataModule
 from swin.data.io import IMAGE_EXTENSIONS, list_images, read_image
-from swin.data.transforms import classification_transforms
+from swin.data.samplers import ClassBalancedSampler
+from swin.data.transforms import CROP_PCT, classification_transforms, interpolation_flag
 
 EXTENSIONS = " ".join(IMAGE_EXTENSIONS)
 
@@ -63,6 +65,14 @@ class ImageNetDataModule(SwinDataModule):
         color_jitter: colour-jitter strength in training (timm skips it while RandAugment is on).
         random_erasing: random-erasing probability in training.
         crop_scale: range of the area fraction kept by the training RandomResizedCrop.
+        crop_ratio: range of the aspect ratio (width / height) of the training RandomResizedCrop.
+        hflip: horizontal-flip probability in training (0 for text, digits, symbols, many medical images).
+        vflip: vertical-flip probability in training (e.g. 0.5 for aerial or microscope images).
+        crop_pct: evaluation crop fraction: the shorter side is resized to ``image_size / crop_pct``, then centre
+            cropped (0.875 in the recipe; 1.0 keeps the whole image).
+        balanced: draw the training images class-balanced (:class:`~swin.data.samplers.ClassBalancedSampler`:
+            every class equally often, with replacement) instead of shuffling them, for imbalanced datasets.
+        interpolation: resizing filter, ``bicubic`` (the recipe), ``bilinear``, ``nearest`` or ``area``.
         train_split: folder of the training split under ``root``.
         val_split: folder of the validation (and test) split under ``root``.
         synthetic: write the shapes demo data into ``root`` if it is missing.
@@ -82,6 +92,12 @@ class ImageNetDataModule(SwinDataModule):
         color_jitter: float = 0.4,
         random_erasing: float = 0.25,
         crop_scale: tuple[float, float] = (0.08, 1.0),
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        vflip: float = 0.0,
+        crop_pct: float = CROP_PCT,
+        interpolation: str = "bicubic",
+        balanced: bool = False,
         train_split: str = "train",
         val_split: str = "val",
         synthetic: bool = False,
@@ -90,8 +106,12 @@ class ImageNetDataModule(SwinDataModule):
         super().__init__(root, batch_size, num_workers, None, predict_root, synthetic, synthetic_kwargs)
         self.image_size = image_size
         self.augment = dict(
-            randaugment=randaugment, color_jitter=color_jitter, random_erasing=random_erasing, crop_scale=tuple(crop_scale)
-        )
+            randaugment=randaugment, color_jitter=color_jitter, random_erasing=random_erasing,
+            crop_scale=tuple(crop_scale), crop_ratio=tuple(crop_ratio), hflip=hflip, vflip=vflip,
+        )  # fmt: skip
+        self.resize = dict(crop_pct=crop_pct, interpolation=interpolation)
+        interpolation_flag(interpolation)  # an unknown name fails here, not in a worker
+        self.balanced = balanced
         self.train_split = train_split
         self.val_split = val_split
         self._classes: list[str] | None = None
@@ -113,8 +133,10 @@ class ImageNetDataModule(SwinDataModule):
             self.prepare_data()
             classes = self._class_folders(self.train_split)
             if not classes:
+                loose = list_images(self.root / self.train_split)
+                found = f"{len(loose)} images lie directly in it (each class needs a folder of its own); " if loose else ""
                 raise FileNotFoundError(
-                    f"no class folders in {self.root / self.train_split}; "
+                    f"no class folders in {self.root / self.train_split}; {found}"
                     f"{_layout_help(self.root, (self.train_split, self.val_split))}"
                 )
             self._classes = classes
@@ -143,7 +165,12 @@ class ImageNetDataModule(SwinDataModule):
         return ImageFolderDataset(paths, labels, self._transform(train))
 
     def _transform(self, train: bool) -> Callable[..., dict[str, Any]]:
-        return classification_transforms(self.image_size, train=train, **self.augment)
+        return classification_transforms(self.image_size, train=train, **self.augment, **self.resize)
+
+    def train_sampler(self) -> ClassBalancedSampler | None:
+        if not self.balanced:
+            return None
+        return ClassBalancedSampler(self.datasets["train"].labels, seed=torch.initial_seed() % 2**31)
 
     def setup(self, stage: str) -> None:
         if stage == "fit":

@@ -44,6 +44,15 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGENET_MEAN_PIXEL = tuple(round(255 * m) for m in IMAGENET_MEAN)
 CROP_PCT = 0.875  # evaluation: resize the shorter side to size / CROP_PCT, then centre crop
+INTERPOLATIONS = {"bicubic": cv2.INTER_CUBIC, "bilinear": cv2.INTER_LINEAR, "nearest": cv2.INTER_NEAREST,
+                  "area": cv2.INTER_AREA}  # fmt: skip
+
+
+def interpolation_flag(name: str) -> int:
+    """The OpenCV flag of an interpolation name (``bicubic``, ``bilinear``, ``nearest``, ``area``)."""
+    if name not in INTERPOLATIONS:
+        raise ValueError(f"unknown interpolation {name!r}: choose one of {sorted(INTERPOLATIONS)}")
+    return INTERPOLATIONS[name]
 
 
 class SolarizeAdd(A.ImageOnlyTransform):
@@ -137,6 +146,15 @@ def rand_augment(
     return A.SomeOf(ops, n=num_ops, replace=True, p=1.0)
 
 
+def random_flips(hflip: float, vflip: float) -> list[A.BasicTransform]:
+    """Horizontal and vertical flips with these probabilities (those with probability 0 left out); they move
+    masks and boxes in lockstep with the image."""
+    for name, p in (("hflip", hflip), ("vflip", vflip)):
+        if not 0 <= p <= 1:
+            raise ValueError(f"{name} is a probability in [0, 1], got {p}")
+    return [flip(p=p) for flip, p in ((A.HorizontalFlip, hflip), (A.VerticalFlip, vflip)) if p > 0]
+
+
 def classification_transforms(
     image_size: int,
     train: bool,
@@ -144,32 +162,41 @@ def classification_transforms(
     color_jitter: float = 0.4,
     random_erasing: float = 0.25,
     crop_scale: tuple[float, float] = (0.08, 1.0),
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    hflip: float = 0.5,
+    vflip: float = 0.0,
+    crop_pct: float = CROP_PCT,
+    interpolation: str = "bicubic",
 ) -> A.Compose:
     """The paper's (timm's) ImageNet pipelines: HWC uint8 RGB in, normalised CHW float tensor out.
 
-    Train: RandomResizedCrop (area fraction ``crop_scale``, 0.08-1 in the recipe; bicubic), horizontal flip,
-    RandAugment (``randaugment``), colour jitter of strength ``color_jitter`` (brightness, contrast, saturation;
-    as in timm it is skipped while RandAugment is on, so the official recipe never applies it), random erasing
-    with probability ``random_erasing`` (one rectangle of 2-33 % of the area, filled with per-pixel uniform
-    noise), Normalize. Eval: resize the shorter side to ``floor(image_size / 0.875)`` (bicubic), centre crop,
-    Normalize.
+    Train: RandomResizedCrop (area fraction ``crop_scale``, 0.08-1 in the recipe; aspect ratio ``crop_ratio``),
+    horizontal and vertical flips with probabilities ``hflip`` and ``vflip``, RandAugment (``randaugment``), colour
+    jitter of strength ``color_jitter`` (brightness, contrast, saturation; as in timm it is skipped while RandAugment
+    is on, so the official recipe never applies it), random erasing with probability ``random_erasing`` (one
+    rectangle of 2-33 % of the area, filled with per-pixel uniform noise), Normalize. Eval: resize the shorter side
+    to ``floor(image_size / crop_pct)``, centre crop, Normalize. Resizing uses ``interpolation`` (bicubic in the
+    recipe; see :data:`INTERPOLATIONS`).
 
     The training pipeline's own random generators start from torch's initial seed (so a global seed makes it
     reproducible); DataLoader workers reseed their copies with :func:`seed_worker_transforms`.
     """
+    flag = interpolation_flag(interpolation)
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
     if not train:
         return A.Compose(
             [
-                A.SmallestMaxSize(max_size=math.floor(image_size / CROP_PCT), interpolation=cv2.INTER_CUBIC),
+                A.SmallestMaxSize(max_size=math.floor(image_size / crop_pct), interpolation=flag),
                 A.CenterCrop(image_size, image_size),
                 A.Normalize(IMAGENET_MEAN, IMAGENET_STD),
                 ToTensorV2(),
             ]
         )
     steps: list[A.BasicTransform] = [
-        A.RandomResizedCrop((image_size, image_size), scale=crop_scale, interpolation=cv2.INTER_CUBIC),
-        A.HorizontalFlip(p=0.5),
+        A.RandomResizedCrop((image_size, image_size), scale=crop_scale, ratio=crop_ratio, interpolation=flag)
     ]
+    steps += random_flips(hflip, vflip)
     if randaugment:
         steps.append(rand_augment())
     elif color_jitter > 0:

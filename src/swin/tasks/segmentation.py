@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
+import torch
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
@@ -36,6 +37,8 @@ class SegmentationTask(BaseTask):
         aux_weight: weight of the auxiliary loss (training only); 0 drops the auxiliary head.
         dropout: Dropout2d before both classifiers.
         ignore_index: label ignored by the loss and the metrics.
+        class_weights: per-class weights of the cross-entropy (one per class; None: all 1, as the recipe), for
+            small or imbalanced datasets; the loss stays a weighted mean over the labelled pixels.
         inference: ``whole`` image at once or ``slide`` through ``crop_size`` windows every ``stride`` pixels.
         crop_size: sliding-window size (H, W) or one side.
         stride: sliding-window step (H, W) or one side.
@@ -62,6 +65,7 @@ class SegmentationTask(BaseTask):
         aux_weight: float = 0.4,
         dropout: float = 0.1,
         ignore_index: int = 255,
+        class_weights: list[float] | None = None,
         inference: Literal["whole", "slide"] = "whole",
         crop_size: int | tuple[int, int] = 512,
         stride: int | tuple[int, int] = 341,
@@ -103,7 +107,16 @@ class SegmentationTask(BaseTask):
         )
 
     def configure_losses(self) -> None:
-        self.criterion = nn.CrossEntropyLoss(ignore_index=self.hparams.ignore_index, reduction="sum")
+        hp = self.hparams
+        weight = None
+        if hp.class_weights is not None:
+            if len(hp.class_weights) != hp.num_classes or min(hp.class_weights) < 0:
+                raise ValueError(
+                    f"model.class_weights needs {hp.num_classes} non-negative weights (one per class), "
+                    f"got {len(hp.class_weights)}: {list(hp.class_weights)}"
+                )
+            weight = torch.tensor(hp.class_weights, dtype=torch.float32)
+        self.criterion = nn.CrossEntropyLoss(weight=weight, ignore_index=hp.ignore_index, reduction="sum")
 
     def configure_metrics(self) -> None:
         hp = self.hparams
@@ -118,9 +131,12 @@ class SegmentationTask(BaseTask):
 
     # -- training -----------------------------------------------------------------------------------------------------
     def loss(self, logits: Tensor, target: Tensor) -> Tensor:
-        """Mean cross-entropy over the labelled pixels (0 when a batch has none, not NaN)."""
-        labelled = (target != self.hparams.ignore_index).sum().clamp(min=1)
-        return self.criterion(logits.float(), target) / labelled
+        """Mean cross-entropy over the labelled pixels, weighted by ``class_weights`` when given (0 when a batch
+        has none, not NaN)."""
+        labelled = target != self.hparams.ignore_index
+        weight = self.criterion.weight
+        total = labelled.sum() if weight is None else weight[target[labelled]].sum()
+        return self.criterion(logits.float(), target) / total.float().clamp(min=1e-12)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         image, target = batch["image"], batch["mask"]
