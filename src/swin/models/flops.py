@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from swin.models.swin import SwinTransformer, window_geometry
+from swin.models.swin import SwinTransformer
 
 __all__ = ["count_flops"]
 
@@ -21,8 +21,7 @@ def count_flops(model: SwinTransformer, img_size: int | tuple[int, int] = 224) -
     flops = h * w * c * model.in_chans * p * p + (h * w * c if isinstance(model.patch_embed.norm, nn.LayerNorm) else 0)
     for stage in model.layers:
         for block in stage.blocks:
-            ws = block.window_size
-            pad_h, pad_w, _ = window_geometry(h, w, ws, block.shifted)
+            ws, pad_h, pad_w, _ = block.geometry(h, w)
             n, windows = ws * ws, (pad_h // ws) * (pad_w // ws)
             hidden = block.mlp.fc1.out_features
             flops += 2 * h * w * c  # norm1, norm2

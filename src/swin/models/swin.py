@@ -17,7 +17,7 @@ and changes no number; FLOP counting in :mod:`swin.models.flops`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ __all__ = [
     "PatchEmbed",
     "WindowAttention",
     "Mlp",
+    "WindowBlock",
     "SwinBlock",
     "PatchMerging",
     "Stage",
@@ -182,6 +183,7 @@ class WindowAttention(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         fused: bool = True,
+        rel_pos_bias: bool = True,
     ):
         super().__init__()
         if dim % num_heads:
@@ -191,13 +193,16 @@ class WindowAttention(nn.Module):
         self.head_dim = dim // num_heads
         self.scale = self.head_dim**-0.5
         self.fused = fused
-        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        self.relative_position_bias_table = (
+            nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads)) if rel_pos_bias else None
+        )
         self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
         self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self._bias_cache: tuple | None = None
-        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+        if rel_pos_bias:
+            nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
 
     def relative_position_bias(self) -> Tensor:
         """(nH, N, N) bias gathered from the table."""
@@ -205,9 +210,14 @@ class WindowAttention(nn.Module):
         index = relative_position_index(self.window_size, self.relative_position_bias_table.device)
         return self.relative_position_bias_table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
 
-    def attention_bias(self, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
-        """(nW or 1, nH, N, N) relative position bias plus shift mask; cached while autograd is off."""
+    def attention_bias(self, mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+        """(nW or 1, nH, N, N) relative position bias plus shift mask; cached while autograd is off.
+
+        Without the bias (``rel_pos_bias=False``): the mask as (nW, 1, N, N), or None.
+        """
         table = self.relative_position_bias_table
+        if table is None:
+            return mask.unsqueeze(1).to(dtype) if mask is not None else None
         cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if cacheable:
             key = (table.data_ptr(), table._version, dtype)
@@ -229,11 +239,11 @@ class WindowAttention(nn.Module):
         bw, n, c = x.shape
         qkv = self.qkv(x).view(bw, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B·nW, nH, N, hd), views
-        bias = self.attention_bias(mask, q.dtype)  # (nW, nH, N, N)
-        if windows is not None and bias.shape[0] > 1:
+        bias = self.attention_bias(mask, q.dtype)  # (nW, nH, N, N), (nW, 1, N, N) or None
+        if bias is not None and windows is not None and bias.shape[0] > 1:
             bias = bias[windows]
-        num_windows = bias.shape[0]
-        cpu_sdpa = q.dtype == torch.float32 and not bias.requires_grad
+        num_windows = bias.shape[0] if bias is not None else 1
+        cpu_sdpa = q.dtype == torch.float32 and (bias is None or not bias.requires_grad)
         if self.fused and (q.device.type != "cpu" or cpu_sdpa):
             if num_windows > 1:  # 4-D SDPA needs the mask per batch entry
                 bias = bias.expand(bw // num_windows, -1, -1, -1, -1).reshape(bw, *bias.shape[1:])
@@ -241,7 +251,8 @@ class WindowAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
         else:
             q, k, v = (t.view(bw // num_windows, num_windows, *t.shape[1:]) for t in (q, k, v))
-            attn = ((q * self.scale) @ k.transpose(-2, -1)).add_(bias)
+            attn = (q * self.scale) @ k.transpose(-2, -1)
+            attn = attn.add_(bias) if bias is not None else attn
             attn = attn.softmax(dim=-1)  # autocast's policy: fp32 on CUDA; on CPU the input's dtype, as in timm
             out = (F.dropout(attn, self.attn_drop, self.training) @ v).flatten(0, 1)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(bw, n, c)))
@@ -265,12 +276,58 @@ class Mlp(nn.Module):
         return self.drop(self.fc2(self.drop(x)))
 
 
-class SwinBlock(nn.Module):
+class WindowBlock(nn.Module):
+    """What every Swin block shares: pad (B, H, W, C) to the block's window grid, gather the tokens into (shifted)
+    windows and back, and run :meth:`windows_forward` on the whole map at once or, at CPU inference, a group of
+    windows at a time (:func:`~swin.models.ops.run_in_pieces`), which gives the same numbers with the
+    intermediates in cache.
+
+    Subclasses set ``window_size``, ``shifted`` and ``piece_tokens`` and define :meth:`windows_forward`; they may
+    change :meth:`geometry`.
+    """
+
+    window_size: int
+    shifted: bool
+    piece_tokens: int
+
+    def geometry(self, height: int, width: int) -> tuple[int, int, int, tuple[int, int]]:
+        """Window side, padded height and width, and per-dimension shift on an H×W map (:func:`window_geometry`)."""
+        return self.window_size, *window_geometry(height, width, self.window_size, self.shifted)
+
+    def windows_forward(
+        self, tokens: Tensor, positions: slice, window: int, mask: Tensor | None, valid: Tensor | None
+    ) -> Tensor:
+        """The block on (B, L, C) tokens that lie window by window at ``positions`` of the window order.
+
+        ``mask`` is the block's shift mask (all windows), ``valid`` marks the real (not padding) tokens of the whole
+        window order.
+        """
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, h, w, c = x.shape
+        ws, pad_h, pad_w, shift = self.geometry(h, w)
+        mask = shift_mask(pad_h, pad_w, ws, shift, x.device) if shift != (0, 0) else None
+        fwd, inv, valid = window_index(h, w, ws, (pad_h, pad_w), shift, x.device)
+        if valid is not None:
+            x = F.pad(x, (0, 0, 0, pad_w - w, 0, pad_h - h))
+        tokens = x.reshape(b, pad_h * pad_w, c)
+
+        def block(part: Tensor, positions: slice) -> Tensor:
+            return self.windows_forward(part, positions, ws, mask, valid)
+
+        if in_pieces(self, x, self.piece_tokens):  # written back in raster order by index
+            out = run_in_pieces(block, tokens, fwd, max(1, self.piece_tokens // (b * ws * ws)) * ws * ws)
+        else:  # roll and partition as one gather, and back
+            out = gather_tokens(block(gather_tokens(tokens, fwd, inv), slice(0, fwd.numel())), inv, fwd)
+        out = out.view(b, pad_h, pad_w, c)
+        return out if valid is None else out[:, :h, :w]
+
+
+class SwinBlock(WindowBlock):
     """Pre-norm block: x + DropPath(W-MSA / SW-MSA(LN(x))), then x + DropPath(MLP(LN(x))), on (B, H, W, C).
 
-    :meth:`windows_forward` is the block itself, on tokens in window order; ``forward`` pads, gathers the tokens
-    into (shifted) windows and back, and runs it on the whole map at once, or, at CPU inference, a group of windows
-    at a time (:func:`~swin.models.ops.run_in_pieces`), which gives the same numbers with the intermediates in cache.
+    ``rel_pos_bias=False`` drops the relative position bias (the paper's Table 4 ablation).
     """
 
     def __init__(
@@ -286,25 +343,24 @@ class SwinBlock(nn.Module):
         drop_path: float = 0.0,
         fused_attn: bool = True,
         piece_tokens: int = 0,
+        rel_pos_bias: bool = True,
     ):
         super().__init__()
         self.window_size = window_size
         self.shifted = shifted
         self.piece_tokens = piece_tokens
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias, attn_drop, drop, fused_attn)
+        self.attn = WindowAttention(dim, window_size, num_heads, qkv_bias, attn_drop, drop, fused_attn, rel_pos_bias)
         self.drop_path = StochasticDepth(drop_path, "row")
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
-    def windows_forward(self, tokens: Tensor, positions: slice, mask: Tensor | None, valid: Tensor | None) -> Tensor:
-        """The block on (B, L, C) tokens that lie window by window at ``positions`` of the window order.
-
-        ``mask`` is the block's shift mask (all windows), ``valid`` marks the real (not padding) tokens of the whole
-        window order; padding tokens enter attention as zeros.
-        """
+    def windows_forward(
+        self, tokens: Tensor, positions: slice, window: int, mask: Tensor | None, valid: Tensor | None
+    ) -> Tensor:
+        """See :meth:`WindowBlock.windows_forward`; padding tokens enter attention as zeros (after ``norm1``)."""
         b, length, c = tokens.shape
-        n = self.window_size**2
+        n = window**2
         y = self.norm1(tokens)
         if valid is not None:
             y = y.masked_fill(~valid[positions].view(1, -1, 1), 0.0)
@@ -312,26 +368,6 @@ class SwinBlock(nn.Module):
         y = self.attn(y.view(-1, n, c), mask, windows).view(b, length, c)
         x = tokens + self.drop_path(y)
         return x + self.drop_path(self.mlp(self.norm2(x)))
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, h, w, c = x.shape
-        ws = self.window_size
-        pad_h, pad_w, shift = window_geometry(h, w, ws, self.shifted)
-        mask = shift_mask(pad_h, pad_w, ws, shift, x.device) if shift != (0, 0) else None
-        fwd, inv, valid = window_index(h, w, ws, (pad_h, pad_w), shift, x.device)
-        if valid is not None:
-            x = F.pad(x, (0, 0, 0, pad_w - w, 0, pad_h - h))
-        tokens = x.reshape(b, pad_h * pad_w, c)
-
-        def block(part: Tensor, positions: slice) -> Tensor:
-            return self.windows_forward(part, positions, mask, valid)
-
-        if in_pieces(self, x, self.piece_tokens):  # written back in raster order by index
-            out = run_in_pieces(block, tokens, fwd, max(1, self.piece_tokens // (b * ws * ws)) * ws * ws)
-        else:  # roll and partition as one gather, and back
-            out = gather_tokens(block(gather_tokens(tokens, fwd, inv), slice(0, fwd.numel())), inv, fwd)
-        out = out.view(b, pad_h, pad_w, c)
-        return out if valid is None else out[:, :h, :w]
 
 
 class PatchMerging(nn.Module):
@@ -360,6 +396,8 @@ class Stage(nn.Module):
     """``depth`` blocks alternating W-MSA and SW-MSA, then an optional PatchMerging (official layout).
 
     ``forward`` returns the map before the downsample (the dense output) and after it (the next stage's input).
+    ``shift=False`` gives every block plain W-MSA (the paper's Table 4 ablation); ``block`` and ``merging`` build
+    the blocks (with :class:`SwinBlock`'s positional arguments) and the downsample (``merging(dim, piece_tokens)``).
     """
 
     def __init__(
@@ -376,18 +414,21 @@ class Stage(nn.Module):
         downsample: bool = False,
         fused_attn: bool = True,
         piece_tokens: int = 0,
+        shift: bool = True,
+        block: Callable[..., WindowBlock] = SwinBlock,
+        merging: Callable[[int, int], nn.Module] = PatchMerging,
     ):
         super().__init__()
         drop_path = list(drop_path) or [0.0] * depth
         self.grad_checkpointing = False
         self.blocks = nn.ModuleList(
-            SwinBlock(
-                dim, num_heads, window_size, i % 2 == 1, mlp_ratio, qkv_bias, drop, attn_drop, drop_path[i],
+            block(
+                dim, num_heads, window_size, shift and i % 2 == 1, mlp_ratio, qkv_bias, drop, attn_drop, drop_path[i],
                 fused_attn, piece_tokens,
             )
             for i in range(depth)
         )
-        self.downsample = PatchMerging(dim, piece_tokens) if downsample else None
+        self.downsample = merging(dim, piece_tokens) if downsample else None
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         for block in self.blocks:
@@ -426,6 +467,8 @@ class SwinTransformer(nn.Module):
         piece_tokens: CPU inference runs the patch embedding and each patch merging in bands of rows, and each
             block in groups of windows, of about this many tokens, so that the intermediates stay in cache (same
             results; 0: the whole map at once).
+        shift: shifted windows in every second block (False: W-MSA everywhere, the paper's Table 4 ablation).
+        rel_pos_bias: the relative position bias (False: none, the paper's Table 4 ablation).
     """
 
     def __init__(
@@ -450,6 +493,8 @@ class SwinTransformer(nn.Module):
         grad_checkpointing: bool = False,
         fused_attn: bool = True,
         piece_tokens: int = 4096,
+        shift: bool = True,
+        rel_pos_bias: bool = True,
     ):
         super().__init__()
         if len(depths) != len(num_heads):
@@ -466,6 +511,7 @@ class SwinTransformer(nn.Module):
             if not 0 <= i < num_stages:
                 raise ValueError(f"out_indices {self.out_indices}: stage {i} does not exist (0..{num_stages - 1})")
         self.frozen_stages = frozen_stages
+        self.rel_pos_bias = rel_pos_bias
 
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim, patch_norm, piece_tokens)
         if ape:
@@ -492,6 +538,9 @@ class SwinTransformer(nn.Module):
                 downsample=i < num_stages - 1,
                 fused_attn=fused_attn,
                 piece_tokens=piece_tokens,
+                shift=shift,
+                block=self.block_factory(i),
+                merging=self.merging,
             )
             for i in range(num_stages)
         )
@@ -506,6 +555,13 @@ class SwinTransformer(nn.Module):
         self.apply(_init_weights)
         self.set_grad_checkpointing(grad_checkpointing)
         self._freeze_stages()
+
+    #: the downsample between stages, ``merging(dim, piece_tokens)``
+    merging: Callable[[int, int], nn.Module] = PatchMerging
+
+    def block_factory(self, stage: int) -> Callable[..., WindowBlock]:
+        """What builds the blocks of ``stage``, called with :class:`SwinBlock`'s positional arguments."""
+        return functools.partial(SwinBlock, rel_pos_bias=self.rel_pos_bias)
 
     # -- properties used by heads ---------------------------------------------------------------------------------
     @property
@@ -614,10 +670,15 @@ VARIANTS: dict[str, dict] = {
 
 
 def build_swin(variant: str, **overrides) -> SwinTransformer:
-    """A named variant (``swin_t``, ``swin_s``, ``swin_b``, ``swin_l``, also ``t``/``tiny``...) with overrides.
+    """A named variant (``swin_t``, ``swin_s``, ``swin_b``, ``swin_l``, also ``t``/``tiny``...; V2: ``swinv2_t``,
+    ``swinv2_s``, ``swinv2_b``, ``swinv2_l``) with overrides: the name a task's ``backbone:`` takes.
 
     ``variant="custom"`` takes every architecture argument from ``overrides``.
     """
+    if variant.lower().startswith("swinv2"):
+        from swin.models.swinv2 import build_swinv2  # V2 builds on this module
+
+        return build_swinv2(variant, **overrides)
     aliases = {"t": "swin_t", "tiny": "swin_t", "s": "swin_s", "small": "swin_s", "b": "swin_b", "base": "swin_b"}
     aliases.update({"l": "swin_l", "large": "swin_l"})
     key = aliases.get(variant.lower(), variant.lower())

@@ -11,6 +11,9 @@ Recognised layouts, each converted to the official one, which this project's bac
   ``attn.w_msa``, ``ffn.layers``, ``patch_embed.projection``, patch merging channels in nn.Unfold order;
 - this project's Lightning checkpoints: any prefix in front of the backbone's keys.
 
+Swin V2 in the same layouts (official ``{'model': ...}`` with ``q_bias`` / ``v_bias``, timm's ``swinv2_*``,
+torchvision's ``swin_v2_*`` with one ``qkv.bias`` whose k third is zero) goes to the official V2 layout.
+
 Files are read with ``torch.load(weights_only=True)``.
 """
 
@@ -115,7 +118,50 @@ def to_official(sd: Mapping[str, Tensor], fmt: str | None = None) -> StateDict:
             if k == "absolute_pos_embed" and v.ndim == 4:  # (1, C, H, W) → (1, HW, C)
                 v = v.flatten(2).transpose(1, 2)
         out[k] = v
-    return out
+    return _split_v2_qkv_bias(out) if fmt == "torchvision" else out
+
+
+def _split_v2_qkv_bias(sd: StateDict) -> StateDict:
+    """torchvision's V2 ``attn.qkv.bias`` (3C, the k third kept at zero) → the official ``q_bias`` and ``v_bias``."""
+    for k in [k for k in sd if k.endswith("attn.qkv.bias") and k[: -len("qkv.bias")] + "logit_scale" in sd]:
+        q, _, v = sd.pop(k).chunk(3)
+        sd[k[: -len("qkv.bias")] + "q_bias"], sd[k[: -len("qkv.bias")] + "v_bias"] = q, v
+    return sd
+
+
+def _coords_normalisation(table: Tensor) -> int | None:
+    """The window a V2 ``relative_coords_table`` (1, 2M-1, 2M-1, 2) was normalised by; None for M = 1.
+
+    Its entry at dy = M-1 is log2(8·(M-1)/(n-1) + 1) / 3 for normalisation n (the pretrained window, else M).
+    """
+    window = (table.shape[1] + 1) // 2
+    t = float(table[0, -1, window - 1, 0])
+    if window < 2 or t <= 0:
+        return None
+    return round(8 * (window - 1) / (2 ** (3 * t) - 1)) + 1
+
+
+def _follow_coords_tables(sd: StateDict, model: nn.Module) -> None:
+    """V2: the model normalises its relative coordinates as the checkpoint did, whatever either's window.
+
+    Each checkpoint ``relative_coords_table`` (official and torchvision files have them, timm's not) gives the
+    window it was normalised by; the model's block takes it as its pretrained window size where it differs and
+    regenerates its own table, which replaces the checkpoint's in ``sd``. Without one the model keeps its own.
+    """
+    changed = []
+    for name, buffer in model.named_buffers():
+        if not name.endswith("relative_coords_table"):
+            continue
+        attn = model.get_submodule(name.rsplit(".", 1)[0])
+        found = _coords_normalisation(sd[name]) if name in sd else None
+        if found is not None and found != attn.normalisation():
+            attn.set_pretrained_window_size(found)
+            changed.append(f"{name.rsplit('.', 2)[0]}: {found}")
+        sd[name] = attn.relative_coords_table
+    if hasattr(model, "pretrained_window_sizes"):
+        model.pretrained_window_sizes = tuple(s.blocks[0].attn.pretrained_window_size for s in model.layers)
+    if changed:
+        log.info("load_pretrained: pretrained window sizes from the checkpoint's coordinates: %s", ", ".join(changed))
 
 
 def _torchvision_key(k: str) -> str | None:
@@ -127,7 +173,7 @@ def _torchvision_key(k: str) -> str | None:
         part = {"0": "patch_embed.proj.", "2": "patch_embed.norm."}.get(rest.split(".")[0])
         return part + rest.split(".", 1)[1] if part else None
     if idx % 2 == 1:  # blocks of stage (idx - 1) // 2
-        rest = rest.replace("mlp.0.", "mlp.fc1.").replace("mlp.3.", "mlp.fc2.")
+        rest = re.sub(r"(?<!\w)mlp\.0\.", "mlp.fc1.", re.sub(r"(?<!\w)mlp\.3\.", "mlp.fc2.", rest))  # not cpb_mlp
         return f"layers.{(idx - 1) // 2}.blocks.{rest}"
     return f"layers.{(idx - 2) // 2}.downsample.{rest}"
 
@@ -155,11 +201,14 @@ def load_pretrained(
 ) -> nn.modules.module._IncompatibleKeys:
     """Load a Swin checkpoint of any known layout into ``model``.
 
-    Relative position tables and the absolute position embedding are interpolated to the model's window and grid;
+    Relative position tables and the absolute position embedding are interpolated to the model's window and grid
+(V2: the model takes the checkpoint's coordinate normalisation, its pretrained window size, from the checkpoint's
+``relative_coords_table`` where it has one);
     a head with another class count is dropped with a warning. Missing and unexpected keys are reported together
     in one warning (``strict=True``: raised as an error). Returns what ``load_state_dict`` returns.
     """
     sd = to_official(read_state_dict(source))
+    _follow_coords_tables(sd, model)
     own = model.state_dict()
     notes = []
     for k in list(sd):

@@ -78,7 +78,7 @@ def param_groups(
     backbone: SwinTransformer | None = None,
     layer_decay: float | None = None,
 ) -> list[dict[str, Any]]:
-    """AdamW groups: no decay on 1-D parameters, biases and the backbone's ``no_weight_decay`` names.
+    """AdamW groups: no decay on 1-D parameters, biases and names containing a ``no_weight_decay`` keyword.
 
     With ``layer_decay``, backbone parameters get ``lr_scale = layer_decay ** (L + 1 - layer_id)``; the rest
     (heads) scale 1. Each group carries ``lr_scale``, applied by the task's schedule.
@@ -92,7 +92,7 @@ def param_groups(
     for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1 or name.endswith(".bias") or any(k in name.split(".")[-1] for k in skip)
+        no_decay = p.ndim <= 1 or name.endswith(".bias") or any(k in name for k in skip)
         scale = 1.0
         if layer_decay is not None and id(p) in in_backbone:
             scale = layer_decay ** (sum(depths) + 1 - swin_layer_id(in_backbone[id(p)], depths))
