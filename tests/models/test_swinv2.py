@@ -1,12 +1,13 @@
 """Swin V2: parity with torchvision and timm (random weights through every checkpoint layout), the window rules,
 the dense pyramid, gradient checkpointing and the parameter counts."""
 
-from functools import partial
+from pathlib import Path
 
 import pytest
 import timm
 import torch
 import torchvision
+import yaml
 from timm.models.swin_transformer_v2 import SwinTransformerV2 as TimmV2
 from torchvision.models.swin_transformer import PatchMergingV2, SwinTransformerBlockV2
 
@@ -239,3 +240,15 @@ def test_v2_is_a_backbone_for_every_head():
     names = {n for n, p in swinv2_t().named_parameters()}
     assert {"layers.0.blocks.0.attn.q_bias", "layers.0.blocks.0.attn.v_bias"} <= names
     assert not any(n.endswith("attn.qkv.bias") for n in names)
+
+
+@pytest.mark.parametrize(
+    "config",
+    sorted((Path(__file__).resolve().parents[2] / "configs").rglob("*swinv2*.yaml")),
+    ids=lambda p: p.name,
+)
+def test_v2_configs_build_their_backbone(config):
+    init = yaml.safe_load(config.read_text())["model"]["init_args"]
+    with torch.device("meta"):
+        backbone = build_swin(init["backbone"], **init.get("backbone_kwargs", {}))
+    assert isinstance(backbone, SwinTransformerV2) and backbone.window_size == 8
