@@ -292,7 +292,7 @@ def peak_memory_mb(step: Callable[[], None], device: torch.device) -> float | No
         return None
     before = _rss_kib("VmRSS")
     step()
-    return (_rss_kib("VmHWM") - before) / 2**10
+    return max(0.0, (_rss_kib("VmHWM") - before) / 2**10)  # the kernel may reclaim pages meanwhile: never < 0
 
 
 def memory_table(
