@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from swin.data import shapes
@@ -20,7 +21,10 @@ class SwinDataModule(LightningDataModule):
 
     Every dataset yields dict samples: ``image`` plus ``label`` (classification), ``target`` (detection) or ``mask``
     (segmentation), and ``path``; predict samples are ``image``, ``path`` and ``size`` (the file's H, W). The test
-    loader reads "test" when ``setup`` made one, else "val". Subclasses say how batches are collated
+    loader reads "test" when ``setup`` made one, else "val". Under a distributed strategy, validation and test split
+    their images over the ranks without repeating any (rank r reads images r, r + W, r + 2W, ...; ranks differ by at
+    most one image), so their metrics equal a single-device evaluation on any split; Lightning's own
+    ``DistributedSampler`` would pad an uneven split with repeated images. Subclasses say how batches are collated
     (``collate_fn``), whether the last incomplete training batch is dropped (``drop_last``) and how their synthetic
     demo data is written (``write_synthetic``).
 
@@ -84,12 +88,30 @@ class SwinDataModule(LightningDataModule):
         """The training loader's sampler (None: shuffle; Lightning shards either under DDP)."""
         return None
 
+    def _eval_sampler(self, dataset: Dataset) -> Sampler | None:
+        """The unrepeated split of ``dataset`` over the ranks under a distributed strategy, else None (Lightning keeps a
+        sampler that is a ``DistributedSampler``)."""
+        trainer = getattr(self, "trainer", None)
+        ranks = trainer.distributed_sampler_kwargs if trainer is not None else None
+        if not ranks or ranks["num_replicas"] == 1:
+            return None
+        if len(dataset) < ranks["num_replicas"]:
+            raise ValueError(
+                f"{type(self).__name__}: {len(dataset)} evaluation images cannot be split over "
+                f"{ranks['num_replicas']} ranks (every rank needs one)"
+            )
+        return UnrepeatedDistributedSampler(dataset, num_replicas=ranks["num_replicas"], rank=ranks["rank"], shuffle=False)
+
     def _loader(self, split: str, train: bool = False) -> DataLoader:
-        sampler = self.train_sampler() if train else None
-        if train and self.drop_last:
-            self._check_enough_for_a_batch(len(self.datasets[split]))
+        dataset = self.datasets[split]
+        if train:
+            sampler = self.train_sampler()
+            if self.drop_last:
+                self._check_enough_for_a_batch(len(dataset))
+        else:
+            sampler = None if split == "predict" else self._eval_sampler(dataset)
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
             shuffle=train and sampler is None,
             sampler=sampler,

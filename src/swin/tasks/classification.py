@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
@@ -84,6 +84,10 @@ class ClassificationTask(BaseTask):
         )
         self.val_metrics = metrics.clone(prefix="val/")
         self.test_metrics = metrics.clone(prefix="test/")
+        # the mean loss over all images of all ranks: Lightning's sync_dist mean truncates the summed batch sizes to
+        # an integer, which is wrong on an uneven split (3 + 2 images on 2 ranks count as 2 x 2)
+        self.val_loss = MeanMetric()
+        self.test_loss = MeanMetric()
 
     # -- mixing and the loss --------------------------------------------------------------------------------------
     def mix(self, images: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -113,19 +117,19 @@ class ClassificationTask(BaseTask):
         if self.ema is not None:
             self.ema.update_parameters(self.model)
 
-    def _evaluate(self, batch: dict[str, Any], metrics: MetricCollection, stage: str) -> None:
+    def _evaluate(self, batch: dict[str, Any], metrics: MetricCollection, mean_loss: MeanMetric, stage: str) -> None:
         images, labels = batch["image"], batch["label"]
         logits = self(images)
-        loss = F.cross_entropy(logits, labels)
         metrics.update(logits, labels)
-        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=images.shape[0])
+        mean_loss.update(F.cross_entropy(logits, labels), weight=images.shape[0])
+        self.log(f"{stage}/loss", mean_loss, batch_size=images.shape[0])
         self.log_dict(metrics, prog_bar=stage == "val", batch_size=images.shape[0])
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics, "val")
+        self._evaluate(batch, self.val_metrics, self.val_loss, "val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics, "test")
+        self._evaluate(batch, self.test_metrics, self.test_loss, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         """``{"path": [...], "probs": (B, K)}``: the class probabilities of every image."""

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from lightning.fabric.utilities.apply_func import apply_to_collection
 from pycocotools import mask as mask_utils
 from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
@@ -64,6 +66,23 @@ def coco_results(pred: dict[str, Any]) -> list[dict]:
             result["segmentation"] = {"size": rle["size"], "counts": rle["counts"].decode("ascii")}
         results.append(result)
     return results
+
+
+def gather_map_states(metric: MeanAveragePrecision) -> None:
+    """Replace the per-image states of ``metric`` by those of all ranks, in the datamodule's order of the images.
+
+    torchmetrics gathers these lists one element at a time, which needs the same number of images on every rank
+    (and its mask gather indexes every rank by rank 0's count); the unrepeated evaluation split gives ranks one
+    image more or less. Here each rank's lists travel whole, and are interleaved back: rank r evaluated images
+    r, r + W, ..., so image i is the (i // W)-th of rank i % W, the order of a single-device evaluation.
+    """
+    states = apply_to_collection(metric.metric_state, torch.Tensor, torch.Tensor.cpu)
+    gathered: list[dict[str, list] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, states)
+    for name in states:
+        lists = [ranks[name] for ranks in gathered]
+        merged = [lst[i] for i in range(max(map(len, lists))) for lst in lists if i < len(lst)]
+        setattr(metric, name, apply_to_collection(merged, torch.Tensor, torch.Tensor.to, metric.device))
 
 
 class DetectionTask(BaseTask):
@@ -155,6 +174,7 @@ class DetectionTask(BaseTask):
             backend=map_backend(),
             iou_thresholds=COCO_IOU_THRESHOLDS,
             rec_thresholds=COCO_RECALL_THRESHOLDS,
+            sync_on_compute=False,  # gather_map_states instead: it also gathers uneven splits
         )
         self.test_map = self.val_map.clone()
 
@@ -206,11 +226,13 @@ class DetectionTask(BaseTask):
         metric.update(*self._metric_inputs(self(batch["image"]), batch["target"]))
 
     def _log_map(self, stage: str, metric: MeanAveragePrecision) -> None:
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gather_map_states(metric)
         results = metric.compute()
         metric.reset()
         results.pop("classes")
         scalars = {f"{stage}/{k}": v for k, v in results.items() if not k.endswith("_per_class")}
-        self.log_dict(scalars, sync_dist=True)  # already synchronised by torchmetrics: the mean changes nothing
+        self.log_dict(scalars, sync_dist=True)  # every rank computed the same figures: the mean changes nothing
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, self.val_map)
