@@ -4,7 +4,9 @@ Every run logs to TensorBoard and CSV in one version folder under ``trainer.defa
 after the SLURM job when there is one, so a requeued job continues in it), keeps the best and the last checkpoint
 (see ``BaseTask.configure_callbacks``), and saves its config, overwriting on resume. ``predict`` hands the
 predictions to the prediction writers in ``trainer.callbacks`` (:mod:`swin.writers`), without also keeping them all
-in memory unless ``--return_predictions true``.
+in memory unless ``--return_predictions true``. With ``--ckpt_path``, Lightning replaces the model's arguments by
+the checkpoint's hyperparameters, except the task's evaluation options (``BaseTask.eval_hparams``: test-time
+augmentation, inference mode), which stay as the command line and config give them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from jsonargparse import Namespace
+from jsonargparse.typing import import_object
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -59,6 +62,21 @@ class SwinCLI(LightningCLI):
                 for class_path in ("swin.loggers.ResumableCSVLogger", "lightning.pytorch.loggers.TensorBoardLogger")
             ]
 
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's checkpoint hyperparameters over the config, but the task's ``eval_hparams`` as configured."""
+        model = self.config[self.config.subcommand].model if self.config.get("subcommand") else None
+        if not isinstance(model, Namespace) or not model.get("class_path"):
+            return super()._parse_ckpt_path()
+        names = getattr(import_object(model.class_path), "eval_hparams", ())
+        kept = {name: model.init_args[name] for name in names if name in (model.get("init_args") or {})}
+        super()._parse_ckpt_path()
+        model = self.config[self.config.subcommand].model
+        for name, value in kept.items():
+            model.init_args[name] = value
+        if model.get("dict_kwargs"):
+            for name in kept:
+                model.dict_kwargs.pop(name, None)
 
     def predict(self, **kwargs: Any) -> Any:
         """``trainer.predict``; with a prediction writer among the callbacks, the predictions are not also returned."""

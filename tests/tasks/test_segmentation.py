@@ -67,24 +67,32 @@ def test_fit_logs_metrics_and_saves_a_loadable_checkpoint(fitted):
     load_pretrained(backbone, run_dir / "checkpoints" / "last.ckpt", strict=True)
 
 
+def numpy_miou(task: SegmentationTask, dataset, tta: bool) -> tuple[float, float, list[np.ndarray]]:
+    """mIoU and pixel accuracy of ``task`` on ``dataset`` from a numpy confusion matrix at each label's size (classes
+    absent from both prediction and label left out), and the predicted class maps."""
+    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    labels = []
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            sample = dataset[i]
+            assert sample["image"].shape[-2:] != sample["mask"].shape
+            pred = task.infer(sample["image"][None], sample["mask"].shape, tta=tta)[0].argmax(0).numpy()
+            target = sample["mask"].numpy()
+            keep = target != 255
+            np.add.at(confusion, (target[keep], pred[keep]), 1)
+            labels.append(pred)
+    tp, union = np.diag(confusion), confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
+    return float(np.mean(tp[union > 0] / union[union > 0])), float(tp.sum() / confusion.sum()), labels
+
+
 def test_validation_miou_matches_a_computation_at_label_size(run, fitted, monkeypatch):
     tmp, config = fitted
     ckpt = tmp / "runs" / "fit" / "version_0" / "checkpoints" / "last.ckpt"
     cli = run("validate", config, tmp, monkeypatch, "--ckpt_path", str(ckpt))
     logged = cli.trainer.callback_metrics
-    task, dataset = cli.model.eval(), cli.datamodule.datasets["val"]
-    confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
-    for i in range(len(dataset)):
-        sample = dataset[i]
-        assert sample["image"].shape[-2:] != sample["mask"].shape
-        pred = task.infer(sample["image"][None], sample["mask"].shape)[0].argmax(0).numpy()
-        target = sample["mask"].numpy()
-        keep = target != 255
-        np.add.at(confusion, (target[keep], pred[keep]), 1)
-    tp, union = np.diag(confusion), confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
-    miou = np.mean(tp[union > 0] / union[union > 0])
+    miou, pixel_acc, _ = numpy_miou(cli.model.eval(), cli.datamodule.datasets["val"], tta=False)
     assert float(logged["val/miou"]) == pytest.approx(miou, abs=1e-6)
-    assert float(logged["val/pixel_acc"]) == pytest.approx(tp.sum() / confusion.sum(), abs=1e-6)
+    assert float(logged["val/pixel_acc"]) == pytest.approx(pixel_acc, abs=1e-6)
 
 
 def test_test_with_tta_and_predict_write_pngs(run, fitted, monkeypatch):
@@ -93,13 +101,20 @@ def test_test_with_tta_and_predict_write_pngs(run, fitted, monkeypatch):
     tta = ["--model.test_scales", "[0.75, 1.0]", "--model.test_flip", "true", "--model.inference", "slide"]
     tta += ["--model.crop_size", "16", "--model.stride", "12"]
     cli = run("test", config, tmp, monkeypatch, "--ckpt_path", ckpt, *tta)
-    assert 0.0 <= float(cli.trainer.callback_metrics["test/miou"]) <= 1.0
-    run("predict", config, tmp, monkeypatch, "--ckpt_path", ckpt)
+    task, dataset = cli.model.eval(), cli.datamodule.datasets["val"]
+    assert task.hparams.test_flip and task.hparams.inference == "slide"
+    miou, pixel_acc, _ = numpy_miou(task, dataset, tta=True)
+    assert float(cli.trainer.callback_metrics["test/miou"]) == pytest.approx(miou, abs=1e-6)
+    assert float(cli.trainer.callback_metrics["test/pixel_acc"]) == pytest.approx(pixel_acc, abs=1e-6)
+
+    cli = run("predict", config, tmp, monkeypatch, "--ckpt_path", ckpt)
+    _, _, expected = numpy_miou(cli.model.eval(), dataset, tta=True)  # predict's views: the config's (one, no flip)
     folder = tmp / "runs" / "predict" / "version_0" / "predictions"
-    for stem in ("ADE_val_00000001", "ADE_val_00000002"):
+    voc = [128, 0, 0, 0, 128, 0, 128, 128, 0, 0, 0, 128, 128, 0, 128]  # PASCAL VOC's colours 1..5
+    for stem, labels in zip(("ADE_val_00000001", "ADE_val_00000002"), expected):
         label = Image.open(folder / f"{stem}.png")
-        assert label.mode == "P" and label.size == (48, 40) and label.getpalette()[:3] is not None
-        assert np.asarray(label).max() < NUM_CLASSES
+        assert label.mode == "P" and label.size == (48, 40) and label.getpalette()[:15] == voc
+        np.testing.assert_array_equal(np.asarray(label), labels)
         overlay = Image.open(folder / f"{stem}_overlay.png")
         assert overlay.mode == "RGB" and overlay.size == (48, 40)
 

@@ -173,6 +173,8 @@ class BaseTask(LightningModule):
     legacy_prefixes: dict[str, str] = {}
     #: arguments older versions took, and where they went
     removed_hparams: dict[str, str] = {}
+    #: evaluation options that the command line decides over the hyperparameters of a ``--ckpt_path`` checkpoint
+    eval_hparams: tuple[str, ...] = ()
 
     @property
     def backbone(self) -> SwinTransformer:

@@ -53,6 +53,7 @@ class SegmentationTask(BaseTask):
     monitor = "val/miou"
     monitor_mode = "max"
     removed_hparams = {"overlay_alpha": "swin.writers.SegmentationWriter(overlay_alpha)"}
+    eval_hparams = ("inference", "crop_size", "stride", "test_scales", "test_flip")
 
     def __init__(
         self,
