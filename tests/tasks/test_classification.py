@@ -66,7 +66,15 @@ def test_fit_logs_metrics_keeps_best_and_last_and_saves_its_config(fitted):
     assert sum(1 for r in rows if r.get("train/loss")) == 10  # 20 images / batch 4, two epochs, logged every step
     assert list(run_dir.glob("events.out.tfevents.*"))  # TensorBoard in the same folder
     names = {p.name for p in (run_dir / "checkpoints").glob("*.ckpt")}
-    assert "last.ckpt" in names and any(n.startswith("best-epoch") for n in names)
+    best = [n for n in names if n.startswith("best-epoch")]
+    assert "last.ckpt" in names and len(best) == 1
+    # the best checkpoint is the epoch of the highest val/acc1 (the first of equals: a later one must be better)
+    acc = [float(r["val/acc1"]) for r in val]
+    best_epoch = acc.index(max(acc))
+    saved_best = torch.load(run_dir / "checkpoints" / best[0], map_location="cpu", weights_only=True)
+    assert saved_best["epoch"] == best_epoch and best[0].startswith(f"best-epoch{best_epoch:03d}-"), (best, acc)
+    callback = next(v for k, v in saved_best["callbacks"].items() if "val/acc1" in k)
+    assert float(callback["best_model_score"]) == pytest.approx(max(acc))
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["data"]["init_args"]["root"].endswith("shapes") and saved["seed_everything"] == 3
     hparams = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["hyper_parameters"]
@@ -103,10 +111,14 @@ def test_test_and_predict_write_metrics_and_top5_csv(run, fitted, monkeypatch):
     tmp, config = fitted
     ckpt = str(tmp / "runs" / "fit" / "version_0" / "checkpoints" / "last.ckpt")
     cli = run("test", config, tmp, monkeypatch, "--ckpt_path", ckpt)
-    assert {"test/acc1", "test/acc5", "test/loss"} <= set(cli.trainer.callback_metrics)
+    metrics = cli.trainer.callback_metrics
     run("predict", config, tmp, monkeypatch, "--ckpt_path", ckpt)
     rows = list(csv.DictReader(open(tmp / "runs" / "predict" / "version_0" / "predictions" / "predictions.csv")))
     assert len(rows) == NUM_CLASSES * 2 and all(Path(r["path"]).is_file() for r in rows)
+    # the test accuracies are those of the predictions (same weights, same images): the label is the image's folder
+    hits = [[r[f"class{i}"] for i in range(1, 6)].index(Path(r["path"]).parent.name) for r in rows]
+    assert float(metrics["test/acc1"]) == pytest.approx(sum(h == 0 for h in hits) / len(rows), abs=1e-6)
+    assert float(metrics["test/acc5"]) == pytest.approx(1.0)  # 5 classes: the top 5 hold every label
     for row in rows:
         probs = [float(row[f"prob{i}"]) for i in range(1, 6)]
         assert probs == sorted(probs, reverse=True) and 0.99 < sum(probs) <= 1.0 + 1e-5  # all 5 classes

@@ -78,8 +78,6 @@ def test_fit_logs_box_and_mask_map_and_checkpoints_the_category_map(fitted):
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     val = [r for r in rows if r.get("val/bbox_map")]
     assert len(val) == 1
-    for key in ("val/bbox_map", "val/bbox_map_50", "val/segm_map", "val/segm_map_50"):
-        assert 0.0 <= float(val[0][key]) <= 1.0
     train = [r for r in rows if r.get("train/loss")]
     assert train and all(r.get("train/loss_mask") and r.get("train/loss_objectness") for r in train)
     assert best and "best" in best and (run_dir / "checkpoints" / "last.ckpt").is_file()
@@ -97,7 +95,6 @@ def test_test_and_predict_from_the_checkpoint_write_coco_results_and_overlays(ru
     tmp, config, best = fitted
     cli = run("test", config, tmp, monkeypatch, "--ckpt_path", best)
     metrics = cli.trainer.callback_metrics
-    assert {"test/bbox_map", "test/bbox_map_50", "test/segm_map", "test/segm_map_50"} <= set(metrics)
 
     cli = run("predict", config, tmp, monkeypatch, "--ckpt_path", best)
     out = tmp / "runs" / "predict" / "version_0" / "predictions"
@@ -105,13 +102,21 @@ def test_test_and_predict_from_the_checkpoint_write_coco_results_and_overlays(ru
     assert len(list(out.glob("*.png"))) == NUM_VAL
     assert results and {r["category_id"] for r in results} <= set(shapes.COCO_CATEGORY_IDS)
     assert all(isinstance(r["segmentation"]["counts"], str) and r["image_id"] is not None for r in results)
-    with contextlib.redirect_stdout(io.StringIO()):  # the file is valid COCO results: COCOeval takes it
+    # the file is valid COCO results, and COCOeval on it gives the test's figures (predict and test ran the same
+    # detector on the same images; the file rounds boxes to 0.01 px and scores to 1e-5)
+    names = [f"{a}_{s}" for a, sizes in (("map", ("", "50", "75")), ("mar", ("1", "10", "100"))) for s in sizes]
+    names = [n.rstrip("_") for n in names]  # COCOeval's stats 0-2 and 6-8, as torchmetrics names them
+    with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO(str(tree / "annotations" / "instances_val2017.json"))
-        evaluator = COCOeval(gt, gt.loadRes(results), "segm")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    assert -1.0 <= evaluator.stats[0] <= 1.0
+        for iou_type in ("bbox", "segm"):
+            evaluator = COCOeval(gt, gt.loadRes(results), iou_type)
+            evaluator.evaluate()
+            evaluator.accumulate()
+            evaluator.summarize()
+            for name, stat in zip(names, [*evaluator.stats[:3], *evaluator.stats[6:9]]):
+                assert float(metrics[f"test/{iou_type}_{name}"]) == pytest.approx(stat, abs=1e-3), (iou_type, name)
+    # the two-step detector finds nothing here (all zero); non-zero figures are compared in
+    # test_map_of_perfect_and_shifted_predictions_matches_cocoeval and test_ddp_eval.py
 
 
 def test_predict_on_a_folder_names_results_by_file(run, fitted, monkeypatch):
