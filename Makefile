@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TASK ?= classification
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench clean
+.PHONY: setup test test-fast demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,6 +16,10 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# the edit loop: everything but the tests marked slow (multi-process DDP, SLURM, end-to-end runs)
+test-fast: setup
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) -m swin.demo $(TASK)

@@ -122,7 +122,8 @@ def dist():
 def slurm_cluster():
     """A one-node SLURM cluster (scripts/slurm/local_cluster.py) for the session; its ``SLURM_CONF`` path.
 
-    Skips only when apt-get cannot install slurm-wlm and munge; any other failure to start is an error.
+    Skips only when apt-get cannot install slurm-wlm and munge, and fails instead when ``CI`` is set (CI must run
+    these tests); any other failure to start is an error.
     """
     spec = importlib.util.spec_from_file_location("local_cluster", REPO / "scripts" / "slurm" / "local_cluster.py")
     cluster = importlib.util.module_from_spec(spec)
@@ -130,7 +131,10 @@ def slurm_cluster():
     try:
         cluster.ensure_installed()
     except cluster.InstallError as err:
-        pytest.skip(f"SLURM tests need slurm-wlm and munge, and apt-get could not install them: {err}")
+        reason = f"SLURM tests need slurm-wlm and munge, and apt-get could not install them: {err}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{reason} (CI is set: the cluster must come up)")
+        pytest.skip(reason)
     root = Path(tempfile.mkdtemp(prefix="swin-slurm-"))  # short: the munge socket's path must fit 107 bytes
     try:
         yield cluster.up(root)

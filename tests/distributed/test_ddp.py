@@ -23,6 +23,8 @@ from swin.data.shapes import SHAPE_CLASSES
 from swin.models import build_swin
 from swin.models.weights import load_pretrained
 
+pytestmark = pytest.mark.slow  # 2-process runs: make test, not make test-fast
+
 DDP = ["--trainer.devices=2", "--trainer.strategy=ddp"]
 TRAIN_STEPS = 2  # limit_train_batches x max_epochs of the tiny runs
 TRAINER_CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "trainer"

@@ -16,6 +16,8 @@ import torch
 
 from swin.cli import main
 
+pytestmark = pytest.mark.slow  # 2-process runs: make test, not make test-fast
+
 DDP = ["--trainer.devices=2", "--trainer.strategy=ddp"]
 EVAL_IMAGES = 5
 ODD_SPLIT = {
@@ -40,7 +42,6 @@ def metrics(run: Path) -> dict[str, float]:
     return out
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("task", ["classification", "detection", "segmentation"])
 def test_ddp_validate_and_test_equal_one_device_on_an_odd_split(task, tmp_path, dist, monkeypatch):
     runs = tmp_path / "runs"

@@ -16,7 +16,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 SBATCH = ["--nodes=1", "--ntasks-per-node=2", "--gres=none", "--cpus-per-task=1", "--time=15"]
 
