@@ -6,9 +6,9 @@ for token permutations, and piecewise execution: at inference a block runs a few
 embedding and patch merging a band of rows at a time, so that intermediates stay in cache and the time per pixel
 stays flat as images grow.
 
-When they are active: oneDNN only for CPU tensors, outside tracing and ONNX export (which see plain ``F.linear``);
-pieces and bands only for CPU inference (eval mode, no autograd, not compiling). Elsewhere (CUDA, training,
-``torch.compile``) every function here is the plain PyTorch computation.
+When they are active: oneDNN only for CPU tensors, outside tracing, ``torch.export`` and ONNX export (which see
+plain ``F.linear``); pieces and bands only for CPU inference (eval mode, no autograd, not compiling). Elsewhere
+(CUDA, training, ``torch.compile``) every function here is the plain PyTorch computation.
 """
 
 from __future__ import annotations
@@ -19,15 +19,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Linear", "linear", "gather_tokens", "in_pieces", "in_bands", "run_in_pieces"]
+__all__ = ["Linear", "linear", "gather_tokens", "in_pieces", "in_bands", "run_in_pieces", "exporting"]
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def exporting() -> bool:
+    """Inside ``torch.export`` (also the ONNX exporter's), a TorchScript trace or a TorchScript-based ONNX export."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
 def _use_onednn(x: Tensor) -> bool:
-    """CPU tensors, outside tracing and ONNX export."""
-    return _ONEDNN and x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.onnx.is_in_onnx_export()
+    """CPU tensors, outside tracing and export."""
+    return _ONEDNN and x.device.type == "cpu" and not exporting()
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
-from swin.models.ops import Linear, gather_tokens, in_bands, in_pieces, run_in_pieces
+from swin.models.ops import Linear, exporting, gather_tokens, in_bands, in_pieces, run_in_pieces
 
 __all__ = [
     "SwinTransformer",
@@ -48,6 +48,7 @@ __all__ = [
     "window_reverse",
     "window_geometry",
     "window_index",
+    "window_tensors",
 ]
 
 MASK_VALUE = -100.0
@@ -137,6 +138,35 @@ def window_index(
         return fwd, inv, valid
 
 
+def window_tensors(
+    height: int, width: int, window: int, shifted: bool, device: torch.device
+) -> tuple[int, int, Tensor | None, Tensor, Tensor, Tensor]:
+    """:func:`window_geometry`, :func:`shift_mask` and :func:`window_index` as tensor arithmetic, for export.
+
+    The sizes may be symbolic: the shift is a tensor (0 where the padded map fits in one window), there is always a
+    ``valid`` (all True without padding) and, for shifted blocks, a mask (all 0 where the shift is 0), so that one
+    graph serves every input size with the same numbers. Returns padded height and width, mask, fwd, inv, valid.
+    """
+    pad_h, pad_w = -(-height // window) * window, -(-width // window) * window
+    rows, cols = torch.arange(pad_h, device=device), torch.arange(pad_w, device=device)
+    half = window // 2 if shifted else 0
+    shift_h, shift_w = (rows >= window).any().long() * half, (cols >= window).any().long() * half
+    # roll(-shift): the shifted map's row r holds the raster's row (r + shift) mod H'
+    grid = ((rows + shift_h) % pad_h)[:, None] * pad_w + ((cols + shift_w) % pad_w)[None, :]
+    fwd = window_partition(grid[None, :, :, None], window).flatten()
+    order = torch.arange(pad_h * pad_w, device=device).view(-1, window * window, 1)
+    position = window_reverse(order, window, pad_h, pad_w)[0, :, :, 0]  # window-order position of each shifted cell
+    inv = position.index_select(0, (rows - shift_h) % pad_h).index_select(1, (cols - shift_w) % pad_w).flatten()
+    valid = ((rows < height)[:, None] & (cols < width)[None, :]).flatten()[fwd]
+    mask = None
+    if shifted:  # region ids of the slices (0, -M), (-M, -s), (-s, None), as _regions
+        region_h = ((rows >= pad_h - window) & (shift_h > 0)).long() + (rows >= pad_h - shift_h).long()
+        region_w = ((cols >= pad_w - window) & (shift_w > 0)).long() + (cols >= pad_w - shift_w).long()
+        ids = window_partition((region_h[:, None] * 3 + region_w[None, :])[None, :, :, None], window).squeeze(-1)
+        mask = (ids[:, :, None] != ids[:, None, :]).float() * MASK_VALUE
+    return pad_h, pad_w, mask, fwd, inv, valid
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Modules
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,7 +190,7 @@ class PatchEmbed(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         p = self.patch_size
         pad_h, pad_w = (-x.shape[2]) % p, (-x.shape[3]) % p
-        if pad_h or pad_w:
+        if exporting() or pad_h or pad_w:  # export: one graph for every size
             x = F.pad(x, (0, pad_w, 0, pad_h))
         if in_pieces(self, x, self.piece_tokens):  # bands of patch rows
             return in_bands(self._embed, x, 2, max(1, self.piece_tokens // (x.shape[0] * x.shape[3] // p)), p)
@@ -239,13 +269,13 @@ class WindowAttention(nn.Module):
         bw, n, c = x.shape
         qkv = self.qkv(x).view(bw, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B·nW, nH, N, hd), views
-        bias = self.attention_bias(mask, q.dtype)  # (nW, nH, N, N), (nW, 1, N, N) or None
-        if bias is not None and windows is not None and bias.shape[0] > 1:
+        bias = self.attention_bias(mask, q.dtype)  # (nW, nH, N, N), (nW, 1, N, N), (1, nH, N, N) or None
+        if windows is not None and mask is not None:
             bias = bias[windows]
         num_windows = bias.shape[0] if bias is not None else 1
         cpu_sdpa = q.dtype == torch.float32 and (bias is None or not bias.requires_grad)
         if self.fused and (q.device.type != "cpu" or cpu_sdpa):
-            if num_windows > 1:  # 4-D SDPA needs the mask per batch entry
+            if mask is not None:  # 4-D SDPA needs the mask per batch entry
                 bias = bias.expand(bw // num_windows, -1, -1, -1, -1).reshape(bw, *bias.shape[1:])
             drop = self.attn_drop if self.training else 0.0
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=drop)
@@ -306,9 +336,15 @@ class WindowBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, h, w, c = x.shape
-        ws, pad_h, pad_w, shift = self.geometry(h, w)
-        mask = shift_mask(pad_h, pad_w, ws, shift, x.device) if shift != (0, 0) else None
-        fwd, inv, valid = window_index(h, w, ws, (pad_h, pad_w), shift, x.device)
+        if exporting():  # the same geometry as tensors: sizes may be symbolic
+            if type(self).geometry is not WindowBlock.geometry:
+                raise NotImplementedError(f"{type(self).__name__} has its own window geometry and cannot be exported yet")
+            ws = self.window_size
+            pad_h, pad_w, mask, fwd, inv, valid = window_tensors(h, w, ws, self.shifted, x.device)
+        else:
+            ws, pad_h, pad_w, shift = self.geometry(h, w)
+            mask = shift_mask(pad_h, pad_w, ws, shift, x.device) if shift != (0, 0) else None
+            fwd, inv, valid = window_index(h, w, ws, (pad_h, pad_w), shift, x.device)
         if valid is not None:
             x = F.pad(x, (0, 0, 0, pad_w - w, 0, pad_h - h))
         tokens = x.reshape(b, pad_h * pad_w, c)
@@ -385,7 +421,7 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, h, w, _ = x.shape
-        if h % 2 or w % 2:
+        if exporting() or h % 2 or w % 2:
             x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
         if in_pieces(self, x, self.piece_tokens):  # bands of output rows
             return in_bands(self._merge, x, 1, max(1, self.piece_tokens // (b * x.shape[2] // 2)), 2)

@@ -1,0 +1,179 @@
+"""Export a trained task's network: ONNX, a ``torch.export`` program (``.pt2``) and the input contract (JSON).
+
+    python -m swin.export --config CONFIG.yaml --ckpt CHECKPOINT.ckpt --out DIR [--format onnx pt2] [--size H W]
+
+The network is built from the config's ``model`` section by the task class it names (LightningCLI's parser; the
+class count and names come from the checkpoint), then the checkpoint's ``state_dict`` is loaded strictly (read with
+``torch.load(weights_only=True)``). Written to DIR: ``model.onnx`` and / or ``model.pt2`` and always
+``contract.json`` (mean / std, input size and layout, class names). Classification exports ``eval_model()`` (the EMA
+weights when on) with logits as output; segmentation the UperNet segmentor (logits at the input's size, no
+auxiliary head). Both have a dynamic batch; height and width are those of ``--size`` (default: the config's
+``data.init_args.image_size``, else 224). The Swin blocks export their cyclic shift, padding and window partition
+as tensor arithmetic (:func:`swin.models.swin.window_tensors`), with the eager numbers. Mask R-CNN is refused:
+torchvision's detectors export to ONNX only through the TorchScript exporter, at fixed sizes, which this tool does
+not drive.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from lightning.pytorch.cli import LightningArgumentParser
+from torch import Tensor, nn
+
+from swin.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from swin.models import CheckpointError
+from swin.tasks.base import BaseTask
+
+__all__ = ["FORMATS", "build_task", "load_task", "export_module", "export_onnx", "export_pt2", "contract", "main"]
+
+FORMATS = ("onnx", "pt2")
+
+
+def build_task(model: dict[str, Any], **init_args: Any) -> BaseTask:
+    """The task of a config's ``model`` section (``class_path`` / ``init_args``), parsed as LightningCLI parses it;
+    ``init_args`` override the section's (e.g. what the CLI links from the datamodule)."""
+    parser = LightningArgumentParser()
+    parser.add_subclass_arguments(BaseTask, "model", required=True)
+    section = {**model, "init_args": {**(model.get("init_args") or {}), **init_args}}
+    return parser.instantiate(parser.parse_object({"model": section})).model
+
+
+def load_task(config: str | os.PathLike, ckpt: str | os.PathLike) -> tuple[BaseTask, dict[str, Any]]:
+    """The task the config's ``model`` section names, with the checkpoint's weights, in eval mode; and the config."""
+    with open(config) as f:
+        cfg = yaml.safe_load(f)
+    if not isinstance(cfg, dict) or "model" not in cfg:
+        raise ValueError(f"{config} has no 'model' section")
+    try:
+        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # pickle, zip and safe-globals errors all mean "not a checkpoint we load"
+        raise CheckpointError(f"{ckpt} is not a checkpoint that loads with weights_only=True: {err}") from err
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
+        found = list(state)[:5] if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(f"{ckpt} is not a Lightning checkpoint of this project (no 'state_dict'; found {found})")
+    hparams = state.get("hyper_parameters") or {}
+    linked = {k: hparams[k] for k in ("num_classes", "class_names") if hparams.get(k) is not None}
+    task = build_task(cfg["model"], pretrained=None, **linked)  # the checkpoint holds every weight
+    task.on_load_checkpoint(state)
+    result = task.load_state_dict(state["state_dict"], strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise CheckpointError(
+            f"{ckpt} is not a {type(task).__name__} checkpoint for {config}: "
+            f"{len(result.missing_keys)} missing keys (first {result.missing_keys[:3]}), "
+            f"{len(result.unexpected_keys)} unexpected (first {result.unexpected_keys[:3]})"
+        )
+    return task.eval(), cfg
+
+
+def export_module(task: BaseTask) -> nn.Module:
+    """The network to deploy: image batch (B, 3, H, W) → logits."""
+    from swin.tasks.classification import ClassificationTask
+    from swin.tasks.segmentation import SegmentationTask
+
+    if isinstance(task, ClassificationTask):
+        return task.eval_model().eval()
+    if isinstance(task, SegmentationTask):
+        return task.model.eval()
+    raise NotImplementedError(
+        f"{type(task).__name__}: export supports ClassificationTask and SegmentationTask; torchvision's Mask R-CNN "
+        "exports to ONNX only through its TorchScript exporter at a fixed size (see torchvision's detection docs)"
+    )
+
+
+def _dynamic(dynamic_hw: bool) -> tuple[dict[int, Any]]:
+    dims = {0: torch.export.Dim("batch", min=1, max=1024)}
+    if dynamic_hw:
+        dims.update({2: torch.export.Dim("height", min=8, max=4096), 3: torch.export.Dim("width", min=8, max=4096)})
+    return (dims,)
+
+
+def export_pt2(module: nn.Module, example: Tensor, path: str | os.PathLike, dynamic_hw: bool = False) -> Path:
+    """``torch.export`` program of ``module`` (dynamic batch; also height and width with ``dynamic_hw``)."""
+    with torch.no_grad():
+        program = torch.export.export(module, (example,), dynamic_shapes=_dynamic(dynamic_hw))
+    torch.export.save(program, path)
+    return Path(path)
+
+
+def export_onnx(module: nn.Module, example: Tensor, path: str | os.PathLike, dynamic_hw: bool = False) -> Path:
+    """ONNX (torch's dynamo exporter) of ``module``: input ``image``, dynamic batch (also height / width)."""
+    with torch.no_grad():
+        out = module(example)
+    names = ["logits"] if isinstance(out, Tensor) else [f"features{i}" for i in range(len(out))]
+    with torch.no_grad():
+        torch.onnx.export(
+            module, (example,), str(path), dynamo=True, dynamic_shapes=_dynamic(dynamic_hw),
+            input_names=["image"], output_names=names, verbose=False,
+        )  # fmt: skip
+    return Path(path)
+
+
+def contract(task: BaseTask, size: Sequence[int]) -> dict[str, Any]:
+    """What a caller feeds the exported model and gets back."""
+    from swin.tasks.classification import ClassificationTask
+
+    classify = isinstance(task, ClassificationTask)
+    return {
+        "task": type(task).__name__,
+        "input": {
+            "name": "image",
+            "layout": "NCHW",
+            "dtype": "float32",
+            "channels": "RGB",
+            "scale": "pixel / 255, then (x - mean) / std per channel",
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+            "size": list(size),
+            "dynamic": ["batch"],
+        },
+        "output": {
+            "name": "logits",
+            "shape": ["batch", "num_classes"] if classify else ["batch", "num_classes", "height", "width"],
+        },
+        "class_names": task.class_names,
+    }
+
+
+def _default_size(cfg: dict[str, Any]) -> tuple[int, int]:
+    size = ((cfg.get("data") or {}).get("init_args") or {}).get("image_size", 224)
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def main(argv: Sequence[str] | None = None) -> list[Path]:
+    parser = argparse.ArgumentParser(prog="python -m swin.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="the task's training config (YAML)")
+    parser.add_argument("--ckpt", required=True, help="a Lightning checkpoint of that task")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--format", nargs="+", default=list(FORMATS), choices=FORMATS, help="what to write")
+    parser.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), help="input size (default: the config's)")
+    args = parser.parse_args(argv)
+    task, cfg = load_task(args.config, args.ckpt)
+    module = export_module(task)
+    size = tuple(args.size) if args.size else _default_size(cfg)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    example = torch.randn(2, 3, *size)
+    written = []
+    if "onnx" in args.format:
+        written.append(export_onnx(module, example, out / "model.onnx"))
+    if "pt2" in args.format:
+        written.append(export_pt2(module, example, out / "model.pt2"))
+    (out / "contract.json").write_text(json.dumps(contract(task, size), indent=2) + "\n")
+    written.append(out / "contract.json")
+    for path in written:
+        print(path)
+    return written
+
+
+if __name__ == "__main__":
+    main()

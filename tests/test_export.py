@@ -1,0 +1,124 @@
+"""swin.export: ONNX (onnxruntime, CPU) and torch.export programs against the eager fp32 model; bad input."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from swin.export import build_task, export_onnx, load_task, main
+from swin.models import CheckpointError, SwinTransformer
+from swin.models.swin import shift_mask, window_geometry, window_index, window_tensors
+
+ort = pytest.importorskip("onnxruntime")
+
+TINY = {"embed_dim": 8, "depths": [1, 1], "num_heads": [1, 2], "window_size": 4, "drop_path_rate": 0.0}
+TASKS = {
+    "classification": {
+        "class_path": "swin.tasks.classification.ClassificationTask",
+        "init_args": {"backbone": "custom", "backbone_kwargs": TINY, "num_classes": 3, "mixup_alpha": 0.0,
+                      "cutmix_alpha": 0.0},
+    },
+    "segmentation": {
+        "class_path": "swin.tasks.segmentation.SegmentationTask",
+        "init_args": {"backbone": "custom", "backbone_kwargs": {**TINY, "depths": [1, 1, 1, 1],
+                      "num_heads": [1, 1, 2, 2]}, "num_classes": 4, "channels": 8, "pool_scales": [1, 2],
+                      "aux_weight": 0.0},
+    },
+}  # fmt: skip
+
+
+def _checkpoint(tmp_path, name: str, class_names=None):
+    """A config and a checkpoint (state_dict + hyper_parameters, as Lightning writes them) of a tiny task."""
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(yaml.safe_dump({"model": TASKS[name], "data": {"init_args": {"image_size": 40}}}))
+    task = build_task(TASKS[name], **({"class_names": class_names} if class_names else {}))
+    with torch.no_grad():  # BatchNorm statistics that are not the identity
+        for m in task.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+    ckpt = tmp_path / f"{name}.ckpt"
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, ckpt)
+    return config, ckpt, task.eval()
+
+
+def _ort(path, x: torch.Tensor) -> list[np.ndarray]:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x.numpy()})
+
+
+@pytest.mark.parametrize("size", [(9, 22), (16, 16), (5, 5), (13, 3)])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_window_tensors_match_the_cached_geometry(size, shifted):
+    h, w = size
+    pad_h, pad_w, shift = window_geometry(h, w, 4, shifted)
+    cpu = torch.device("cpu")
+    fwd, inv, valid = window_index(h, w, 4, (pad_h, pad_w), shift, cpu)
+    pad_h2, pad_w2, mask2, fwd2, inv2, valid2 = window_tensors(h, w, 4, shifted, cpu)
+    assert (pad_h2, pad_w2) == (pad_h, pad_w)
+    assert torch.equal(fwd2, fwd) and torch.equal(inv2, inv)
+    assert torch.equal(valid2, valid if valid is not None else torch.ones_like(valid2))
+    if shift != (0, 0):
+        assert torch.equal(mask2, shift_mask(pad_h, pad_w, 4, shift, cpu))
+    else:
+        assert mask2 is None or not mask2.any()
+
+
+def test_classifier_onnx_and_pt2_match_eager(tmp_path):
+    config, ckpt, task = _checkpoint(tmp_path, "classification", ["a", "b", "c"])
+    out = tmp_path / "out"
+    main(["--config", str(config), "--ckpt", str(ckpt), "--out", str(out)])
+    program = torch.export.load(out / "model.pt2").module()
+    for batch in (1, 3):  # the export ran at batch 2
+        x = torch.randn(batch, 3, 40, 40)
+        with torch.no_grad():
+            expected = task(x)
+            assert (program(x) - expected).abs().max() <= 1e-4
+        assert np.abs(_ort(out / "model.onnx", x)[0] - expected.numpy()).max() <= 1e-4
+    info = json.loads((out / "contract.json").read_text())
+    assert info["class_names"] == ["a", "b", "c"] and info["input"]["size"] == [40, 40]
+    assert info["input"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+
+
+@pytest.mark.parametrize("size", [(40, 36), (37, 45)])  # not window multiples at any stage; one odd
+def test_dense_backbone_onnx_matches_eager(tmp_path, size):
+    torch.manual_seed(0)
+    model = SwinTransformer(**TINY, num_classes=None, out_indices=(0, 1)).eval()
+    path = export_onnx(model, torch.randn(2, 3, *size), tmp_path / "backbone.onnx")
+    x = torch.randn(3, 3, *size)
+    with torch.no_grad():
+        expected = model(x)
+    got = _ort(path, x)
+    assert len(got) == len(expected)
+    for g, e in zip(got, expected):
+        assert g.shape == tuple(e.shape) and np.abs(g - e.numpy()).max() <= 1e-4
+
+
+def test_segmentor_onnx_matches_eager_at_an_odd_size(tmp_path):
+    config, ckpt, task = _checkpoint(tmp_path, "segmentation")
+    out = tmp_path / "out"
+    main(["--config", str(config), "--ckpt", str(ckpt), "--out", str(out), "--format", "onnx", "--size", "45", "38"])
+    x = torch.randn(1, 3, 45, 38)
+    with torch.no_grad():
+        expected = task.model(x)
+    got = _ort(out / "model.onnx", x)[0]
+    assert got.shape == (1, 4, 45, 38) and np.abs(got - expected.numpy()).max() <= 1e-4
+
+
+def test_bad_input_names_the_file(tmp_path):
+    config, ckpt, _ = _checkpoint(tmp_path, "classification")
+    seg_config, seg_ckpt, _ = _checkpoint(tmp_path, "segmentation")
+    with pytest.raises(CheckpointError, match=rf"{seg_ckpt.name} is not a ClassificationTask checkpoint.*missing"):
+        load_task(config, seg_ckpt)
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not a checkpoint")
+    with pytest.raises(CheckpointError, match=rf"{junk.name} is not a checkpoint"):
+        load_task(config, junk)
+    bare = tmp_path / "bare.pt"
+    torch.save({"weights": torch.zeros(1)}, bare)
+    with pytest.raises(CheckpointError, match=rf"{bare.name} is not a Lightning checkpoint.*'weights'"):
+        load_task(config, bare)
+    with pytest.raises(SystemExit):  # argparse: invalid choice 'tflite'
+        main(["--config", str(config), "--ckpt", str(ckpt), "--out", str(tmp_path), "--format", "tflite"])
