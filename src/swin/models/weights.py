@@ -9,12 +9,14 @@ Recognised layouts, each converted to the official one, which this project's bac
   ``features.{2,4,6}`` patch merging;
 - OpenMMLab (mmdet / mmseg backbones, also under ``backbone.`` inside a detector or segmentor): ``stages.{i}``,
   ``attn.w_msa``, ``ffn.layers``, ``patch_embed.projection``, patch merging channels in nn.Unfold order;
+- Hugging Face transformers Swin (``swin.embeddings.*``, ``swin.encoder.layers.*``, separate query / key / value,
+  ``classifier``): renamed to the official layout on reading;
 - this project's Lightning checkpoints: any prefix in front of the backbone's keys.
 
 Swin V2 in the same layouts (official ``{'model': ...}`` with ``q_bias`` / ``v_bias``, timm's ``swinv2_*``,
 torchvision's ``swin_v2_*`` with one ``qkv.bias`` whose k third is zero) goes to the official V2 layout.
 
-Files are read with ``torch.load(weights_only=True)``.
+Files are read with ``torch.load(weights_only=True)``, ``.safetensors`` files with ``safetensors``.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, object]) -> StateDi
         if not os.path.isfile(source):
             raise FileNotFoundError(f"checkpoint {source!s} does not exist")
         try:
-            obj = torch.load(source, map_location="cpu", weights_only=True)
+            obj = _read_file(source)
         except Exception as err:  # pickle, zip and safe-globals errors all mean "not a checkpoint we load"
             raise CheckpointError(f"{source!s} is not a checkpoint that loads with weights_only=True: {err}") from err
     else:
@@ -63,6 +65,7 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, object]) -> StateDi
             obj = inner
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{name} holds a {type(obj).__name__}, not a state dict")
+    obj = _from_transformers(obj)
     anchors = [m for k in obj if (m := _ANCHORS.match(k))]
     if not anchors:
         raise CheckpointError(
@@ -71,6 +74,56 @@ def read_state_dict(source: str | os.PathLike | Mapping[str, object]) -> StateDi
         )
     prefix = min((m.group(1) for m in anchors), key=len)
     return {k[len(prefix) :]: v for k, v in obj.items() if k.startswith(prefix) and isinstance(v, Tensor)}
+
+
+def _read_file(path: str | os.PathLike) -> object:
+    """A ``.safetensors`` file's tensors, else ``torch.load(weights_only=True)``."""
+    if str(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+_TRANSFORMERS_BLOCK = {  # the published files' names, then transformers 5's in-memory ones
+    "layernorm_before.": "norm1.",
+    "attention.self.relative_position_bias_table": "attn.relative_position_bias_table",
+    "attention.relative_position_bias.relative_position_bias_table": "attn.relative_position_bias_table",
+    "attention.output.dense.": "attn.proj.",
+    "attention.o_proj.": "attn.proj.",
+    "layernorm_after.": "norm2.",
+    "intermediate.dense.": "mlp.fc1.",
+    "output.dense.": "mlp.fc2.",
+}
+
+
+def _from_transformers(sd: Mapping[str, object]) -> Mapping[str, object]:
+    """Hugging Face transformers Swin V1 keys (any prefix before ``embeddings.patch_embeddings``) → official ones;
+    other state dicts unchanged. Separate query / key / value (transformers 5 in memory: q_proj / k_proj / v_proj)
+    become one ``qkv`` (official order q, k, v)."""
+    anchor = next((k for k in sd if k.endswith("embeddings.patch_embeddings.projection.weight")), None)
+    if anchor is None:
+        return sd
+    prefix = anchor[: -len("embeddings.patch_embeddings.projection.weight")]
+    out: dict[str, object] = {}
+    for k, v in sd.items():
+        if k.startswith("classifier."):
+            out["head." + k[len("classifier.") :]] = v
+            continue
+        if not k.startswith(prefix):
+            continue
+        k = k[len(prefix) :]
+        k = k.replace("embeddings.patch_embeddings.projection.", "patch_embed.proj.")
+        k = k.replace("embeddings.norm.", "patch_embed.norm.").replace("encoder.layers.", "layers.")
+        k = re.sub(r"^layernorm\.", "norm.", k)
+        for old, new in _TRANSFORMERS_BLOCK.items():
+            k = k.replace(old, new)
+        out[k] = v
+    for q, parts in (("attention.self.query.", ("query", "key", "value")), ("attention.q_proj.", ("q", "k", "v"))):
+        for k in [k for k in out if q in k]:
+            keys = [k.replace(q, q.replace(parts[0], part, 1)) for part in parts]
+            out[k.replace(q, "attn.qkv.")] = torch.cat([out.pop(key) for key in keys])
+    return {k: v for k, v in out.items() if not k.endswith("relative_position_index")}
 
 
 def detect_format(sd: Mapping[str, Tensor]) -> str:
