@@ -122,3 +122,25 @@ def test_bad_input_names_the_file(tmp_path):
         load_task(config, bare)
     with pytest.raises(SystemExit):  # argparse: invalid choice 'tflite'
         main(["--config", str(config), "--ckpt", str(ckpt), "--out", str(tmp_path), "--format", "tflite"])
+
+
+def test_backbone_safetensors_round_trip_through_timm_and_load_pretrained(tmp_path):
+    timm = pytest.importorskip("timm")
+    from swin.models import load_pretrained
+
+    config, ckpt, task = _checkpoint(tmp_path, "classification")
+    out = tmp_path / "out"
+    main(["--config", str(config), "--ckpt", str(ckpt), "--out", str(out), "--format", "timm", "safetensors"])
+    from safetensors.torch import load_file
+
+    peer = timm.models.swin_transformer.SwinTransformer(
+        img_size=32, patch_size=4, embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=4, num_classes=3
+    ).eval()
+    peer.load_state_dict(load_file(out / "timm.safetensors"), strict=True)
+    ours = SwinTransformer(**TINY, num_classes=3).eval()
+    load_pretrained(ours, out / "backbone.safetensors", strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = task(x)
+        assert torch.allclose(peer(x), expected, atol=1e-5)
+        assert torch.equal(ours(x), expected)

@@ -5,7 +5,9 @@
 The network is built from the config's ``model`` section by the task class it names (LightningCLI's parser; the
 class count and names come from the checkpoint), then the checkpoint's ``state_dict`` is loaded strictly (read with
 ``torch.load(weights_only=True)``). Written to DIR: ``model.onnx`` and / or ``model.pt2`` and always
-``contract.json`` (mean / std, input size and layout, class names). Classification exports ``eval_model()`` (the EMA
+``contract.json`` (mean / std, input size and layout, class names); ``--format safetensors`` / ``timm`` write the
+backbone as ``backbone.safetensors`` (official layout) / ``timm.safetensors`` (timm's, for
+``timm.create_model(..., pretrained_cfg_overlay=dict(file=...))`` or ``load_state_dict``). Classification exports ``eval_model()`` (the EMA
 weights when on) with logits as output; segmentation the UperNet segmentor (logits at the input's size, no
 auxiliary head). Both have a dynamic batch; height and width are those of ``--size`` (default: the config's
 ``data.init_args.image_size``, else 224). The Swin blocks export their cyclic shift, padding and window partition
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,9 +35,12 @@ from swin.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from swin.models import CheckpointError
 from swin.tasks.base import BaseTask
 
-__all__ = ["FORMATS", "build_task", "load_task", "export_module", "export_onnx", "export_pt2", "contract", "main"]
+__all__ = [
+    "FORMATS", "build_task", "load_task", "export_module", "export_onnx", "export_pt2", "to_timm", "save_backbone",
+    "contract", "main",
+]  # fmt: skip
 
-FORMATS = ("onnx", "pt2")
+FORMATS = ("onnx", "pt2", "safetensors", "timm")
 
 
 def build_task(model: dict[str, Any], **init_args: Any) -> BaseTask:
@@ -118,6 +124,25 @@ def export_onnx(module: nn.Module, example: Tensor, path: str | os.PathLike, dyn
     return Path(path)
 
 
+def to_timm(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """This project's (official) backbone keys → timm's: each downsample starts the next stage, head ``head.fc``."""
+    out = {}
+    for k, v in sd.items():
+        k = re.sub(r"^layers\.(\d+)\.downsample\.", lambda m: f"layers.{int(m.group(1)) + 1}.downsample.", k)
+        out["head.fc." + k[len("head.") :] if k.startswith("head.") else k] = v
+    return out
+
+
+def save_backbone(task: BaseTask, path: str | os.PathLike, layout: str = "safetensors") -> Path:
+    """The task's Swin as a ``.safetensors`` file: the official layout (``safetensors``, what
+    :func:`~swin.models.load_pretrained` and the official code read) or timm's (``timm``)."""
+    from safetensors.torch import save_file
+
+    sd = {k: v.detach().contiguous() for k, v in task.backbone.state_dict().items()}
+    save_file(to_timm(sd) if layout == "timm" else sd, str(path), metadata={"format": "pt", "layout": layout})
+    return Path(path)
+
+
 def contract(task: BaseTask, size: Sequence[int]) -> dict[str, Any]:
     """What a caller feeds the exported model and gets back."""
     from swin.tasks.classification import ClassificationTask
@@ -158,7 +183,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), help="input size (default: the config's)")
     args = parser.parse_args(argv)
     task, cfg = load_task(args.config, args.ckpt)
-    module = export_module(task)
+    module = export_module(task) if {"onnx", "pt2"} & set(args.format) else None
     size = tuple(args.size) if args.size else _default_size(cfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,6 +193,10 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         written.append(export_onnx(module, example, out / "model.onnx"))
     if "pt2" in args.format:
         written.append(export_pt2(module, example, out / "model.pt2"))
+    for layout in ("safetensors", "timm"):
+        if layout in args.format:
+            name = "backbone.safetensors" if layout == "safetensors" else "timm.safetensors"
+            written.append(save_backbone(task, out / name, layout))
     (out / "contract.json").write_text(json.dumps(contract(task, size), indent=2) + "\n")
     written.append(out / "contract.json")
     for path in written:
