@@ -1,5 +1,6 @@
 """Pure PyTorch models: the Swin backbone, dense heads and detectors, checkpoint loading (no Lightning here)."""
 
+from swin.models.cascade import CascadeRCNN, build_cascade
 from swin.models.detector import SwinFPN, build_detector
 from swin.models.flops import count_flops
 from swin.models.swin import VARIANTS, SwinTransformer, build_swin, swin_b, swin_l, swin_s, swin_t
@@ -38,6 +39,8 @@ __all__ = [
     "CheckpointError",
     "SwinFPN",
     "build_detector",
+    "CascadeRCNN",
+    "build_cascade",
     "Segmentor",
     "UperNetHead",
     "FCNHead",

@@ -27,7 +27,7 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from swin.models.swin import SwinTransformer
 
-__all__ = ["SwinFPN", "build_detector", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["SwinFPN", "build_detector", "pyramid_anchors", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -54,6 +54,14 @@ class SwinFPN(nn.Module):
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         return self.fpn(OrderedDict(zip(self.feature_names, self.body.forward_features(x))))
+
+
+def pyramid_anchors(neck: SwinFPN, anchor_sizes: Sequence[int], aspect_ratios: Sequence[float]) -> AnchorGenerator:
+    """One anchor size per pyramid level (P2..P6) with the same aspect ratios at every level."""
+    levels = len(neck.feature_names) + 1  # + the max-pooled level
+    if len(anchor_sizes) != levels:
+        raise ValueError(f"anchor_sizes needs one size per pyramid level ({levels}), got {tuple(anchor_sizes)}")
+    return AnchorGenerator(tuple((int(s),) for s in anchor_sizes), (tuple(aspect_ratios),) * levels)
 
 
 def build_detector(
@@ -92,10 +100,7 @@ def build_detector(
             ``rpn_post_nms_top_n_train``, ``box_batch_size_per_image``, ...).
     """
     neck = SwinFPN(backbone, fpn_channels)
-    levels = len(neck.feature_names) + 1  # + the max-pooled level
-    if len(anchor_sizes) != levels:
-        raise ValueError(f"anchor_sizes needs one size per pyramid level ({levels}), got {tuple(anchor_sizes)}")
-    anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), (tuple(aspect_ratios),) * levels)
+    anchors = pyramid_anchors(neck, anchor_sizes, aspect_ratios)
     options = dict(
         min_size=min_size,
         max_size=max_size,

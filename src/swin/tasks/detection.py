@@ -1,4 +1,4 @@
-"""Object detection and instance segmentation: Swin + FPN in torchvision's Mask R-CNN, the paper's COCO recipe.
+"""Object detection and instance segmentation: Swin + FPN in torchvision's Mask R-CNN or in Cascade Mask R-CNN, the paper's COCO recipes.
 
 Batches are dicts of lists (variable sizes): ``image`` (float images in [0, 1]) and ``target`` (torchvision targets
 with labels 1..K), plus ``image_id`` and ``path``. Training images arrive resized by the datamodule; for evaluation
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ from torch import Tensor
 from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import box_convert
 
-from swin.models import build_detector
+from swin.models import build_cascade, build_detector
 from swin.tasks.base import BaseTask, Schedule
 
 MASK_THRESHOLD = 0.5  # mask probability → binary mask (torchvision's and mmdet's rule)
@@ -31,6 +31,9 @@ MASK_THRESHOLD = 0.5  # mask probability → binary mask (torchvision's and mmde
 # IoUs and recalls that sit exactly on a threshold to the other side
 COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10).tolist()
 COCO_RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101).tolist()
+#: the detector builders ``framework`` selects; both take the same head arguments and extra options
+FRAMEWORKS = {"mask_rcnn": build_detector, "cascade_mask_rcnn": build_cascade}
+Framework = Literal["mask_rcnn", "cascade_mask_rcnn"]
 
 
 def map_backend() -> str:
@@ -86,9 +89,11 @@ def gather_map_states(metric: MeanAveragePrecision) -> None:
 
 
 class DetectionTask(BaseTask):
-    """Swin Mask R-CNN (Faster R-CNN with ``masks=False``).
+    """Swin Mask R-CNN or Cascade Mask R-CNN (Faster R-CNN / Cascade R-CNN with ``masks=False``).
 
     Args:
+        framework: "mask_rcnn" (torchvision's, :func:`swin.models.build_detector`) or "cascade_mask_rcnn"
+            (:func:`swin.models.build_cascade`: three box stages, 4-conv-1-fc heads, GIoU, a mask head per stage).
         num_classes: object classes without the background (linked from the datamodule by the CLI).
         class_names: class names (linked from the datamodule), for the overlays.
         masks: instance masks (Mask R-CNN); False gives Faster R-CNN.
@@ -99,7 +104,8 @@ class DetectionTask(BaseTask):
         aspect_ratios: anchor aspect ratios.
         min_size: evaluation / prediction resize of the shorter side (800; training images come resized).
         max_size: longest side of that resize (1333).
-        detector_kwargs: further torchvision ``MaskRCNN`` options (``box_detections_per_img``, ...).
+        detector_kwargs: further options of the framework's builder (``box_detections_per_img``, ...; for the
+            cascade also ``stage_ious``, ``stage_loss_weights``, ``score_mode``, ...).
         backbone, backbone_kwargs, pretrained, lr, ...: see :class:`~swin.tasks.base.BaseTask`; the defaults here
             are the paper's COCO recipe: AdamW 1e-4 per 16 images, weight decay 0.05, 500 warm-up iterations from
             0.001×, ×0.1 at epochs 8 and 11.
@@ -114,6 +120,7 @@ class DetectionTask(BaseTask):
         self,
         num_classes: int = 80,
         class_names: list[str] | None = None,
+        framework: Framework = "mask_rcnn",
         masks: bool = True,
         fpn_channels: int = 256,
         representation_size: int = 1024,
@@ -132,6 +139,8 @@ class DetectionTask(BaseTask):
         milestones: Sequence[float] = (8, 11),
         **kwargs: Any,
     ) -> None:
+        if framework not in FRAMEWORKS:
+            raise ValueError(f"framework must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
         super().__init__(
             lr=lr,
             lr_batch_size=lr_batch_size,
@@ -145,7 +154,7 @@ class DetectionTask(BaseTask):
 
     def configure_models(self) -> None:
         hp = self.hparams
-        self.model = build_detector(
+        self.model = FRAMEWORKS[hp.framework](
             self.build_backbone(num_classes=None, out_indices=(0, 1, 2, 3)),
             hp.num_classes,
             masks=hp.masks,
