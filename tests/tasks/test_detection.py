@@ -16,7 +16,7 @@ from pycocotools.cocoeval import COCOeval
 
 from swin.data import shapes
 from swin.data.coco import CocoInstances, read_coco
-from swin.models import build_swin
+from swin.models import CascadeRCNN, build_swin
 from swin.models.weights import load_pretrained
 from swin.tasks.detection import DetectionTask, coco_results
 
@@ -26,7 +26,7 @@ HEADS = dict(fpn_channels=32, representation_size=64, mask_channels=16, anchor_s
 NUM_VAL = 4
 
 
-def write_config(tmp, root):
+def write_config(tmp, root, **model_args):
     config = {
         "trainer": {"accelerator": "cpu", "max_epochs": 1, "limit_train_batches": 2, "num_sanity_val_steps": 0,
                     "enable_progress_bar": False, "enable_model_summary": False, "log_every_n_steps": 1,
@@ -35,7 +35,7 @@ def write_config(tmp, root):
             "class_path": "swin.tasks.detection.DetectionTask",
             "init_args": {"backbone": "custom", "backbone_kwargs": BACKBONE, **HEADS, "lr": 1e-3,
                           "lr_batch_size": None, "warmup_steps": 1, "milestones": [],
-                          "detector_kwargs": {"box_score_thresh": 0.0, "box_detections_per_img": 20}},
+                          "detector_kwargs": {"box_score_thresh": 0.0, "box_detections_per_img": 20}, **model_args},
         },
         "data": {
             "class_path": "swin.data.coco.COCODataModule",
@@ -132,6 +132,33 @@ def test_predict_on_a_folder_names_results_by_file(run, fitted, monkeypatch):
     assert all(r["image_id"] is None for r in results)
     assert {p.name for p in out.glob("*.png")} == {"street.png", "field.png"}
     assert Image.open(out / "street.png").size == (40, 50)
+
+
+def test_cascade_fits_tests_and_predicts_through_the_cli(run, tree, tmp_path, monkeypatch):
+    config = write_config(tmp_path, tree, framework="cascade_mask_rcnn")
+    cli = run("fit", config, tmp_path, monkeypatch)
+    assert isinstance(cli.model.model, CascadeRCNN) and cli.model.hparams.framework == "cascade_mask_rcnn"
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "fit" / "version_0" / "metrics.csv")))
+    train = [r for r in rows if r.get("train/loss")]
+    assert train and all(r.get(f"train/loss_{k}_s{i}") for r in train for k in ("cls", "box", "mask") for i in range(3))
+    assert all(0.0 <= float(r["val/segm_map"]) <= 1.0 for r in rows if r.get("val/bbox_map"))
+    best = cli.trainer.checkpoint_callback.best_model_path
+    task = DetectionTask.load_from_checkpoint(best, map_location="cpu", weights_only=True)
+    assert isinstance(task.model, CascadeRCNN) and task.category_ids.tolist() == shapes.COCO_CATEGORY_IDS
+
+    cli = run("test", config, tmp_path, monkeypatch, "--ckpt_path", best)
+    assert {"test/bbox_map", "test/bbox_map_50", "test/segm_map"} <= set(cli.trainer.callback_metrics)
+    run("predict", config, tmp_path, monkeypatch, "--ckpt_path", best)
+    out = tmp_path / "runs" / "predict" / "version_0" / "predictions"
+    results = json.loads((out / "coco_results.json").read_text())
+    assert results and {r["category_id"] for r in results} <= set(shapes.COCO_CATEGORY_IDS)
+    assert all(isinstance(r["segmentation"]["counts"], str) for r in results)
+    assert len(list(out.glob("*.png"))) == NUM_VAL
+
+
+def test_unknown_framework_is_refused():
+    with pytest.raises(ValueError, match="framework must be one of mask_rcnn, cascade_mask_rcnn"):
+        DetectionTask(3, framework="retinanet", backbone="custom", backbone_kwargs=BACKBONE, **HEADS)
 
 
 def test_checkpoint_of_other_category_ids_is_refused(run, fitted, tree, monkeypatch):

@@ -195,7 +195,8 @@ class CascadeRoIHeads(nn.Module):
     ) -> tuple[dict[str, Tensor], Tensor, Tensor]:
         """Unweighted classification, GIoU and mask losses of one stage; also its logits and deltas."""
         boxes, labels = torch.cat(samples["boxes"]), torch.cat(samples["labels"])
-        logits, deltas = stage.box_predictor(stage.box_head(self.box_roi_pool(features, samples["boxes"], image_shapes)))
+        pooled = self.box_roi_pool(features, samples["boxes"], image_shapes)
+        logits, deltas = stage.box_predictor(stage.box_head(pooled))
         gt = torch.cat([t["boxes"][m] if len(t["boxes"]) else boxes.new_zeros(len(m), 4)
                         for t, m in zip(targets, samples["matched"])])  # fmt: skip
         pos = labels > 0
@@ -224,10 +225,8 @@ class CascadeRoIHeads(nn.Module):
         labels = torch.cat(samples["labels"])
         labels = torch.where(labels > 0, labels, logits[:, 1:].argmax(1) + 1)
         refined = stage.decode(deltas, torch.cat(samples["boxes"]), labels)
-        out = []
-        for boxes, is_gt, shape in zip(refined.split([len(b) for b in samples["boxes"]]), samples["is_gt"], image_shapes):
-            out.append(clip_boxes_to_image(boxes[~is_gt], shape))
-        return out
+        per_image = refined.split([len(b) for b in samples["boxes"]])
+        return [clip_boxes_to_image(b[~gt], s) for b, gt, s in zip(per_image, samples["is_gt"], image_shapes)]
 
     # -- inference ------------------------------------------------------------------------------------------------
     def average_scores(self, stage_logits: Sequence[Tensor]) -> Tensor:

@@ -1,4 +1,4 @@
-"""Object detection and instance segmentation: Swin + FPN in torchvision's Mask R-CNN or in Cascade Mask R-CNN, the paper's COCO recipes.
+"""Object detection and instance segmentation: Swin + FPN in Mask R-CNN or Cascade Mask R-CNN, the paper's COCO recipes.
 
 Batches are dicts of lists (variable sizes): ``image`` (float images in [0, 1]) and ``target`` (torchvision targets
 with labels 1..K), plus ``image_id`` and ``path``. Training images arrive resized by the datamodule; for evaluation
