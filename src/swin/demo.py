@@ -1,4 +1,4 @@
-"""``make demo [TASK=classification|detection|segmentation|cascade]``: fit, test and predict a small Swin on CPU.
+"""``make demo [TASK=...]``: fit, test and predict a small Swin on CPU (TASK: one of TASKS, default classification).
 
 The demo config writes its synthetic "shapes" dataset in the task's real layout under ``data/demo/`` the first time,
 so the real loading code runs. Extra arguments go to every run, e.g. ``python -m swin.demo classification
@@ -14,7 +14,7 @@ from pathlib import Path
 
 from swin.cli import main as cli_main
 
-TASKS = ("classification", "detection", "segmentation", "cascade")
+TASKS = ("classification", "detection", "segmentation", "cascade", "retinanet", "fcos")
 
 
 def run_demo(task: str, extra: list[str] | None = None, config_dir: str | os.PathLike = "configs/demo") -> dict:

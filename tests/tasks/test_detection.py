@@ -156,8 +156,22 @@ def test_cascade_fits_tests_and_predicts_through_the_cli(run, tree, tmp_path, mo
     assert len(list(out.glob("*.png"))) == NUM_VAL
 
 
+@pytest.mark.parametrize("framework", ["retinanet", "fcos"])
+def test_single_stage_frameworks_fit_and_evaluate_through_the_cli(run, tree, tmp_path, monkeypatch, framework):
+    detector_kwargs = {"score_thresh": 0.0, "detections_per_img": 20}
+    config = write_config(tmp_path, tree, framework=framework, masks=False, detector_kwargs=detector_kwargs)
+    cli = run("fit", config, tmp_path, monkeypatch)
+    assert type(cli.model.model).__name__ == {"retinanet": "RetinaNet", "fcos": "FCOS"}[framework]
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "fit" / "version_0" / "metrics.csv")))
+    assert any(r.get("train/loss") and r.get("train/classification") for r in rows)
+    val = [r for r in rows if r.get("val/bbox_map")]
+    assert len(val) == 1 and 0.0 <= float(val[0]["val/bbox_map_50"]) <= 1.0 and "val/segm_map" not in val[0]
+
+
 def test_unknown_framework_is_refused():
-    with pytest.raises(ValueError, match="framework must be one of mask_rcnn, cascade_mask_rcnn"):
+    with pytest.raises(ValueError, match="framework must be one of mask_rcnn, cascade_mask_rcnn, retinanet, fcos"):
+        DetectionTask(3, framework="detr", backbone="custom", backbone_kwargs=BACKBONE, **HEADS)
+    with pytest.raises(ValueError, match="'retinanet' has no mask branch"):
         DetectionTask(3, framework="retinanet", backbone="custom", backbone_kwargs=BACKBONE, **HEADS)
 
 

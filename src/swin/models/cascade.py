@@ -91,13 +91,16 @@ class CascadeStage(nn.Module):
         self.mask_predictor = mask_predictor
 
     def decode(self, deltas: Tensor, boxes: Tensor, labels: Tensor) -> Tensor:
-        """Boxes regressed by each RoI's class (1..K) from ``deltas`` (N, 4K or 4) around ``boxes`` (N, 4)."""
+        """Boxes regressed by each RoI's class (1..K) from ``deltas`` (N, 4K or 4) around ``boxes`` (N, 4), in float32
+        (under bf16 autocast too: the coordinates need the precision)."""
+        deltas, boxes = deltas.float(), boxes.float()
         if deltas.shape[1] > 4:
             deltas = deltas.view(len(deltas), -1, 4)[torch.arange(len(deltas), device=deltas.device), labels - 1]
         return self.box_coder.decode_single(deltas, boxes)
 
     def decode_all(self, deltas: Tensor, boxes: Tensor, num_classes: int) -> Tensor:
-        """(N, K, 4): the boxes regressed for every foreground class."""
+        """(N, K, 4): the boxes regressed for every foreground class (float32)."""
+        deltas, boxes = deltas.float(), boxes.float()
         deltas = deltas.view(len(deltas), -1, 4).expand(-1, num_classes, -1) if deltas.shape[1] == 4 else deltas
         repeated = boxes[:, None].expand(-1, num_classes, -1).reshape(-1, 4)
         return self.box_coder.decode_single(deltas.reshape(-1, 4), repeated).view(-1, num_classes, 4)

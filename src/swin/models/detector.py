@@ -23,7 +23,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
 from swin.models.swin import SwinTransformer
 
@@ -36,15 +36,18 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class SwinFPN(nn.Module):
     """Swin's dense outputs through an FPN, as torchvision's detectors take a backbone.
 
-    ``forward`` returns an ``OrderedDict`` ``{"0": P2, ..., "3": P5, "pool": P6}``, each with ``out_channels``.
+    ``forward`` returns an ``OrderedDict`` ``{"0": P2, ..., "3": P5, "pool": P6}``, each with ``out_channels``; with
+    ``out_indices=(1, 2, 3)`` and ``extra_blocks=LastLevelP6P7(8C, out_channels)`` the single-stage detectors'
+    P3-P7 (``{"0": P3, "1": P4, "2": P5, "p6", "p7"}``, P6 from C5 as mmdet's ``add_extra_convs="on_input"``).
     """
 
-    def __init__(self, body: SwinTransformer, out_channels: int = 256):
+    def __init__(self, body: SwinTransformer, out_channels: int = 256, extra_blocks: ExtraFPNBlock | None = None):
         super().__init__()
         if not body.out_indices:
             raise ValueError("the Swin backbone needs out_indices, e.g. (0, 1, 2, 3), to feed an FPN")
         self.body = body
-        self.fpn = FeaturePyramidNetwork(body.out_channels, out_channels, extra_blocks=LastLevelMaxPool())
+        extra_blocks = LastLevelMaxPool() if extra_blocks is None else extra_blocks
+        self.fpn = FeaturePyramidNetwork(body.out_channels, out_channels, extra_blocks=extra_blocks)
         self.out_channels = out_channels
 
     @property
@@ -57,8 +60,8 @@ class SwinFPN(nn.Module):
 
 
 def pyramid_anchors(neck: SwinFPN, anchor_sizes: Sequence[int], aspect_ratios: Sequence[float]) -> AnchorGenerator:
-    """One anchor size per pyramid level (P2..P6) with the same aspect ratios at every level."""
-    levels = len(neck.feature_names) + 1  # + the max-pooled level
+    """One anchor size per pyramid level (P2..P6 or P3..P7) with the same aspect ratios at every level."""
+    levels = len(neck.feature_names) + (2 if isinstance(neck.fpn.extra_blocks, LastLevelP6P7) else 1)
     if len(anchor_sizes) != levels:
         raise ValueError(f"anchor_sizes needs one size per pyramid level ({levels}), got {tuple(anchor_sizes)}")
     return AnchorGenerator(tuple((int(s),) for s in anchor_sizes), (tuple(aspect_ratios),) * levels)

@@ -24,6 +24,7 @@ from torchmetrics.detection import MeanAveragePrecision
 from torchvision.ops import box_convert
 
 from swin.models import build_cascade, build_detector
+from swin.models.singlestage import SINGLE_STAGE_OUT_INDICES, build_fcos, build_retinanet
 from swin.tasks.base import BaseTask, Schedule
 
 MASK_THRESHOLD = 0.5  # mask probability → binary mask (torchvision's and mmdet's rule)
@@ -31,9 +32,11 @@ MASK_THRESHOLD = 0.5  # mask probability → binary mask (torchvision's and mmde
 # IoUs and recalls that sit exactly on a threshold to the other side
 COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10).tolist()
 COCO_RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101).tolist()
-#: the detector builders ``framework`` selects; both take the same head arguments and extra options
-FRAMEWORKS = {"mask_rcnn": build_detector, "cascade_mask_rcnn": build_cascade}
-Framework = Literal["mask_rcnn", "cascade_mask_rcnn"]
+#: the detector builders ``framework`` selects; the two-stage ones read Swin stages 0-3 and take the RoI-head widths
+FRAMEWORKS = {"mask_rcnn": build_detector, "cascade_mask_rcnn": build_cascade, "retinanet": build_retinanet,
+              "fcos": build_fcos}  # fmt: skip
+TWO_STAGE = ("mask_rcnn", "cascade_mask_rcnn")
+Framework = Literal["mask_rcnn", "cascade_mask_rcnn", "retinanet", "fcos"]
 
 
 def map_backend() -> str:
@@ -92,15 +95,17 @@ class DetectionTask(BaseTask):
     """Swin Mask R-CNN or Cascade Mask R-CNN (Faster R-CNN / Cascade R-CNN with ``masks=False``).
 
     Args:
-        framework: "mask_rcnn" (torchvision's, :func:`swin.models.build_detector`) or "cascade_mask_rcnn"
-            (:func:`swin.models.build_cascade`: three box stages, 4-conv-1-fc heads, GIoU, a mask head per stage).
+        framework: "mask_rcnn" (torchvision's, :func:`swin.models.build_detector`), "cascade_mask_rcnn"
+            (:func:`swin.models.build_cascade`: three box stages, 4-conv-1-fc heads, GIoU, a mask head per stage),
+            or the box-only "retinanet" / "fcos" (torchvision's, on P3-P7, :mod:`swin.models.singlestage`).
         num_classes: object classes without the background (linked from the datamodule by the CLI).
         class_names: class names (linked from the datamodule), for the overlays.
-        masks: instance masks (Mask R-CNN); False gives Faster R-CNN.
+        masks: instance masks (Mask R-CNN); False gives Faster R-CNN (and is required by RetinaNet and FCOS).
         fpn_channels: FPN, RPN and RoI feature channels (256 in the paper).
         representation_size: width of the box head (1024).
         mask_channels: width of the mask head (256).
-        anchor_sizes: anchor size per pyramid level P2..P6 (32-512 for COCO).
+        anchor_sizes: anchor size per pyramid level; None: the framework's COCO default (32-512 on P2-P6 for the
+            R-CNNs, 32-512 on P3-P7 for RetinaNet, the strides 8-128 for FCOS).
         aspect_ratios: anchor aspect ratios.
         min_size: evaluation / prediction resize of the shorter side (800; training images come resized).
         max_size: longest side of that resize (1333).
@@ -125,7 +130,7 @@ class DetectionTask(BaseTask):
         fpn_channels: int = 256,
         representation_size: int = 1024,
         mask_channels: int = 256,
-        anchor_sizes: Sequence[int] = (32, 64, 128, 256, 512),
+        anchor_sizes: Sequence[int] | None = None,
         aspect_ratios: Sequence[float] = (0.5, 1.0, 2.0),
         min_size: int = 800,
         max_size: int = 1333,
@@ -141,6 +146,8 @@ class DetectionTask(BaseTask):
     ) -> None:
         if framework not in FRAMEWORKS:
             raise ValueError(f"framework must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
+        if masks and framework not in TWO_STAGE:
+            raise ValueError(f"framework {framework!r} has no mask branch: set masks: false")
         super().__init__(
             lr=lr,
             lr_batch_size=lr_batch_size,
@@ -154,18 +161,19 @@ class DetectionTask(BaseTask):
 
     def configure_models(self) -> None:
         hp = self.hparams
+        two_stage = hp.framework in TWO_STAGE
+        options = dict(fpn_channels=hp.fpn_channels, min_size=hp.min_size, max_size=hp.max_size, train_resize=False)
+        if two_stage:
+            options.update(masks=hp.masks, representation_size=hp.representation_size, mask_channels=hp.mask_channels)
+        if hp.framework != "fcos":
+            options["aspect_ratios"] = hp.aspect_ratios
+        if hp.anchor_sizes is not None:
+            options["anchor_sizes"] = hp.anchor_sizes
+        out_indices = (0, 1, 2, 3) if two_stage else SINGLE_STAGE_OUT_INDICES
         self.model = FRAMEWORKS[hp.framework](
-            self.build_backbone(num_classes=None, out_indices=(0, 1, 2, 3)),
+            self.build_backbone(num_classes=None, out_indices=out_indices),
             hp.num_classes,
-            masks=hp.masks,
-            fpn_channels=hp.fpn_channels,
-            representation_size=hp.representation_size,
-            mask_channels=hp.mask_channels,
-            anchor_sizes=hp.anchor_sizes,
-            aspect_ratios=hp.aspect_ratios,
-            min_size=hp.min_size,
-            max_size=hp.max_size,
-            train_resize=False,
+            **options,
             **(hp.detector_kwargs or {}),
         )
         #: dataset category id of each label 1..K (identity until the datamodule or a checkpoint sets it)
