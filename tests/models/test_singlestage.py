@@ -25,7 +25,7 @@ def test_retinanet_reads_p3_to_p7_with_p6_from_c5():
     assert model.backbone.fpn.extra_blocks.p6.in_channels == 16 * 8  # C5, as mmdet's add_extra_convs="on_input"
     sizes = model.anchor_generator.sizes
     assert len(sizes) == 5 and sizes[0] == (32, 40, 50)  # 3 scales per octave
-    assert model.head.classification_head.num_classes == 4  # labels 1..3
+    assert model.head.classification_head.num_classes == 3  # labels 1..3 shifted to torchvision's 0..2
 
 
 def test_fcos_points_follow_the_strides_and_bad_setups_are_refused():
@@ -50,4 +50,4 @@ def test_a_training_step_reaches_the_backbone_and_eval_gives_boxes(builder):
     model.eval().score_thresh = 0.0
     with torch.no_grad():
         out = model(images)
-    assert len(out) == 2 and out[0]["boxes"].shape[1] == 4 and set(out[0]["labels"].tolist()) <= {1, 2, 3}
+    assert len(out) == 2 and out[0]["boxes"].shape[1] == 4 and set(out[0]["labels"].tolist()) == {1, 2, 3}

@@ -161,7 +161,7 @@ def test_single_stage_frameworks_fit_and_evaluate_through_the_cli(run, tree, tmp
     detector_kwargs = {"score_thresh": 0.0, "detections_per_img": 20}
     config = write_config(tmp_path, tree, framework=framework, masks=False, detector_kwargs=detector_kwargs)
     cli = run("fit", config, tmp_path, monkeypatch)
-    assert type(cli.model.model).__name__ == {"retinanet": "RetinaNet", "fcos": "FCOS"}[framework]
+    assert type(cli.model.model).__name__ == {"retinanet": "SwinRetinaNet", "fcos": "SwinFCOS"}[framework]
     rows = list(csv.DictReader(open(tmp_path / "runs" / "fit" / "version_0" / "metrics.csv")))
     assert any(r.get("train/loss") and r.get("train/classification") for r in rows)
     val = [r for r in rows if r.get("val/bbox_map")]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from torch import Tensor
 from torchvision.models.detection import FCOS, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
@@ -17,10 +18,28 @@ from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 from swin.models.detector import IMAGENET_MEAN, IMAGENET_STD, SwinFPN
 from swin.models.swin import SwinTransformer
 
-__all__ = ["build_retinanet", "build_fcos", "SINGLE_STAGE_OUT_INDICES"]
+__all__ = ["SwinRetinaNet", "SwinFCOS", "build_retinanet", "build_fcos", "SINGLE_STAGE_OUT_INDICES"]
 
 #: the Swin stages the P3-P7 FPN reads
 SINGLE_STAGE_OUT_INDICES = (1, 2, 3)
+
+
+class _LabelsFromOne:
+    """torchvision's RetinaNet and FCOS number the classes 0..K-1; this project's labels run 1..K (0: background)."""
+
+    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None):
+        if targets is not None:
+            targets = [{**t, "labels": t["labels"] - 1} for t in targets]
+        out = super().forward(images, targets)
+        return out if self.training else [{**d, "labels": d["labels"] + 1} for d in out]
+
+
+class SwinRetinaNet(_LabelsFromOne, RetinaNet):
+    """torchvision's RetinaNet, labels 1..K."""
+
+
+class SwinFCOS(_LabelsFromOne, FCOS):
+    """torchvision's FCOS, labels 1..K."""
 
 
 def _neck(backbone: SwinTransformer, fpn_channels: int, levels: int) -> SwinFPN:
@@ -44,7 +63,7 @@ def build_retinanet(
     image_std: Sequence[float] = IMAGENET_STD,
     train_resize: bool = True,
     **kwargs,
-) -> RetinaNet:
+) -> SwinRetinaNet:
     """torchvision's RetinaNet on Swin (``out_indices=(1, 2, 3)``) + FPN P3-P7; labels 1..``num_classes``.
 
     ``kwargs``: further ``RetinaNet`` options (``score_thresh``, ``detections_per_img``, ``fg_iou_thresh``, ...).
@@ -52,7 +71,7 @@ def build_retinanet(
     neck = _neck(backbone, fpn_channels, len(anchor_sizes))
     sizes = tuple(tuple(int(s * 2 ** (k / 3)) for k in range(3)) for s in anchor_sizes)
     anchors = AnchorGenerator(sizes, (tuple(aspect_ratios),) * len(sizes))
-    return RetinaNet(neck, num_classes + 1, min_size, max_size, list(image_mean), list(image_std),
+    return SwinRetinaNet(neck, num_classes, min_size, max_size, list(image_mean), list(image_std),
                      anchor_generator=anchors, _skip_resize=not train_resize, **kwargs)  # fmt: skip
 
 
@@ -67,12 +86,13 @@ def build_fcos(
     image_std: Sequence[float] = IMAGENET_STD,
     train_resize: bool = True,
     **kwargs,
-) -> FCOS:
-    """torchvision's FCOS on Swin (``out_indices=(1, 2, 3)``) + FPN P3-P7; ``anchor_sizes`` are the levels' strides.
+) -> SwinFCOS:
+    """torchvision's FCOS on Swin (``out_indices=(1, 2, 3)``) + FPN P3-P7, labels 1..``num_classes``;
+    ``anchor_sizes`` are the levels' strides.
 
     ``kwargs``: further ``FCOS`` options (``score_thresh``, ``center_sampling_radius``, ...).
     """
     neck = _neck(backbone, fpn_channels, len(anchor_sizes))
     anchors = AnchorGenerator(tuple((int(s),) for s in anchor_sizes), ((1.0,),) * len(anchor_sizes))
-    return FCOS(neck, num_classes + 1, min_size, max_size, list(image_mean), list(image_std),
+    return SwinFCOS(neck, num_classes, min_size, max_size, list(image_mean), list(image_std),
                 anchor_generator=anchors, _skip_resize=not train_resize, **kwargs)  # fmt: skip

@@ -248,6 +248,8 @@ class DetectionTask(BaseTask):
         results = metric.compute()
         metric.reset()
         results.pop("classes")
+        if not self.hparams.masks:  # with one iou_type torchmetrics leaves out the "bbox_" prefix
+            results = {f"bbox_{k}": v for k, v in results.items()}
         scalars = {f"{stage}/{k}": v for k, v in results.items() if not k.endswith("_per_class")}
         self.log_dict(scalars, sync_dist=True)  # every rank computed the same figures: the mean changes nothing
 
