@@ -42,7 +42,7 @@ def tiny_args(task: str, data: Path) -> list[str]:
             '--data.synthetic_kwargs={"num_train": 4, "num_val": 2, "image_size": 32}',
             "--data.image_size=32",
         ]
-    if task == "detection":
+    if task in ("detection", "cascade"):  # cascade: configs/demo/cascade.yaml (SyncBatchNorm needs CUDA: plain BN here)
         return common + [
             "--trainer.limit_val_batches=1",
             f"--data.root={data / 'coco'}",

@@ -92,7 +92,7 @@ def test_classification_ddp_fit_validate_predict(tmp_path, dist, monkeypatch):
     assert sorted(paths) == sorted(p.name for p in images)
 
 
-@pytest.mark.parametrize("task", ["detection", "segmentation"])
+@pytest.mark.parametrize("task", ["detection", "cascade", "segmentation"])
 def test_dense_task_ddp_fit_and_checkpoint(task, tmp_path, dist):
     runs = tmp_path / "runs"
     out = dist.run_cli("fit", *dist.tiny_args(task, tmp_path), f"--trainer.default_root_dir={runs}", *DDP)
