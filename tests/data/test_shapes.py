@@ -142,7 +142,7 @@ def test_ade20k_layout(tmp_path):
 
 def test_ensure_is_atomic_under_a_race(tmp_path):
     root = tmp_path / "demo" / "shapes"
-    ctx = mp.get_context("fork")
+    ctx = mp.get_context("spawn")  # fresh interpreters: no fork of a process that has imported torch
     kwargs = {"num_train": 2, "num_val": 1, "image_size": 32}
     workers = [
         ctx.Process(target=shapes.ensure, args=(str(root), shapes.write_imagefolder), kwargs=kwargs) for _ in range(3)
