@@ -21,7 +21,8 @@ def test_gpu_check_runs_end_to_end_on_cpu(tmp_path):
     report = json.loads((out / "gpu_check.json").read_text())
     parts = {p["name"]: p for p in report["parts"]}
     fits = [p for name, p in parts.items() if name.startswith("fit ") and p["status"] != "skipped"]
-    assert len(fits) == 4 and all(p["status"] == "ok" for p in fits)  # the three tasks and the compiled fit
+    assert len(fits) == 5 and all(p["status"] == "ok" for p in fits)  # the three tasks, the cascade, the compiled fit
+    assert any("cascade" in name for name in parts)
     for p in fits:  # StepTimer timed the steps after its warm-up, of the batch the run used
         assert p["steps_timed"] == 2 and p["step_s_median"] > 0 and p["batch_per_device"] in (2, 4)
         assert p["images_per_s"] == pytest.approx(p["batch_per_device"] / p["step_s_median"])
