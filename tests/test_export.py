@@ -7,9 +7,9 @@ import pytest
 import torch
 import yaml
 
-from swin.export import build_task, export_onnx, load_task, main
+from swin.export import build_task, export_onnx, export_pt2, load_task, main
 from swin.models import CheckpointError, SwinTransformer
-from swin.models.swin import shift_mask, window_geometry, window_index, window_tensors
+from swin.models.swin import relative_position_index, shift_mask, window_geometry, window_index, window_tensors
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -144,3 +144,30 @@ def test_backbone_safetensors_round_trip_through_timm_and_load_pretrained(tmp_pa
         expected = task(x)
         assert torch.allclose(peer(x), expected, atol=1e-5)
         assert torch.equal(ours(x), expected)
+
+
+def _clear_caches(model) -> None:
+    for cached_function in (relative_position_index, shift_mask, window_index):
+        cached_function.cache_clear()
+    for module in model.modules():
+        if hasattr(module, "_bias_cache"):
+            module._bias_cache = None
+
+
+def test_export_leaves_the_eager_model_and_its_caches_intact(tmp_path):
+    """Tensors traced during an export never land in the eager caches (index tables, attention bias): the model
+    computes afterwards what it computes from empty caches, and a second export in the same process works."""
+    torch.manual_seed(0)
+    model = SwinTransformer(embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=4, num_classes=5).eval()
+    x = torch.randn(3, 3, 40, 40)
+    _clear_caches(model)  # the export fills them first, as in a fresh process
+    export_pt2(model, torch.randn(2, 3, 40, 40), tmp_path / "first.pt2")
+    with torch.no_grad():
+        after_export = model(x)
+        _clear_caches(model)
+        clean = model(x)
+    torch.testing.assert_close(after_export, clean, rtol=0, atol=0)
+    export_pt2(model, torch.randn(2, 3, 40, 40), tmp_path / "second.pt2")
+    program = torch.export.load(tmp_path / "second.pt2").module()
+    with torch.no_grad():
+        torch.testing.assert_close(program(x), clean, rtol=1e-5, atol=1e-5)

@@ -68,6 +68,16 @@ def relative_position_index(window: int, device: torch.device | None = None) -> 
         return (rel[..., 0] * (2 * window - 1) + rel[..., 1]).to(device)
 
 
+def cached(function: Callable) -> Callable:
+    """``function`` (an ``lru_cache``), or its uncached body inside an export, whose tensors must not outlive it."""
+    return function.__wrapped__ if exporting() else function
+
+
+def cacheable() -> bool:
+    """Whether a module may keep a result for the next call: autograd off, not compiling, not exporting."""
+    return not torch.is_grad_enabled() and not torch.compiler.is_compiling() and not exporting()
+
+
 def _regions(size: int, window: int, shift: int) -> Tensor:
     """Region id of every row (or column) of a cyclically shifted, padded map: slices (0,-M), (-M,-s), (-s,None)."""
     ids = torch.zeros(size, dtype=torch.long)
@@ -237,7 +247,7 @@ class WindowAttention(nn.Module):
     def relative_position_bias(self) -> Tensor:
         """(nH, N, N) bias gathered from the table."""
         n = self.window_size**2
-        index = relative_position_index(self.window_size, self.relative_position_bias_table.device)
+        index = cached(relative_position_index)(self.window_size, self.relative_position_bias_table.device)
         return self.relative_position_bias_table[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
 
     def attention_bias(self, mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -248,14 +258,14 @@ class WindowAttention(nn.Module):
         table = self.relative_position_bias_table
         if table is None:
             return mask.unsqueeze(1).to(dtype) if mask is not None else None
-        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        if cacheable:
+        keep = cacheable()
+        if keep:
             key = (table.data_ptr(), table._version, dtype)
             if self._bias_cache is not None and self._bias_cache[0] == key and self._bias_cache[1] is mask:
                 return self._bias_cache[2]
         bias = self.relative_position_bias().unsqueeze(0)
         bias = (bias + mask.unsqueeze(1) if mask is not None else bias).to(dtype).contiguous()
-        if cacheable:
+        if keep:
             self._bias_cache = (key, mask, bias)
         return bias
 

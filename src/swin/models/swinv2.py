@@ -29,7 +29,9 @@ from torch import Tensor, nn
 from torchvision.ops import StochasticDepth
 
 from swin.models.ops import Linear
-from swin.models.swin import Mlp, PatchMerging, SwinTransformer, WindowBlock, relative_position_index
+from swin.models.swin import (
+    Mlp, PatchMerging, SwinTransformer, WindowBlock, cacheable, cached, relative_position_index
+)
 
 __all__ = [
     "SwinTransformerV2",
@@ -117,23 +119,23 @@ class WindowAttentionV2(nn.Module):
         """(nH, N, N) continuous relative position bias, 16·sigmoid(MLP(coordinates)), of a ``window``-sided window."""
         table = self.relative_coords_table
         if window != self.window_size:
-            table = relative_coords_table(window, self.normalisation(window), table.device).to(table.dtype)
+            table = cached(relative_coords_table)(window, self.normalisation(window), table.device).to(table.dtype)
         n = window * window
-        index = relative_position_index(window, table.device)
+        index = cached(relative_position_index)(window, table.device)
         bias = self.cpb_mlp(table).view(-1, self.num_heads)[index.view(-1)].view(n, n, -1).permute(2, 0, 1)
         return 16 * torch.sigmoid(bias)
 
     def attention_bias(self, window: int, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
         """(nW or 1, nH, N, N) position bias plus shift mask; cached while autograd is off."""
-        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        if cacheable:
+        keep = cacheable()
+        if keep:
             tensors = (*self.cpb_mlp.parameters(), self.relative_coords_table)
             key = (window, dtype, *((t.data_ptr(), t._version) for t in tensors))
             if self._bias_cache is not None and self._bias_cache[0] == key and self._bias_cache[1] is mask:
                 return self._bias_cache[2]
         bias = self.position_bias(window).unsqueeze(0)
         bias = (bias + mask.unsqueeze(1) if mask is not None else bias).to(dtype).contiguous()
-        if cacheable:
+        if keep:
             self._bias_cache = (key, mask, bias)
         return bias
 
