@@ -31,14 +31,13 @@ from torch import Tensor, nn
 from torchvision.models.detection._utils import BalancedPositiveNegativeSampler, BoxCoder, Matcher
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
-from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.roi_heads import maskrcnn_loss
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, batched_nms, box_iou, clip_boxes_to_image, generalized_box_iou_loss
 from torchvision.ops import remove_small_boxes
 
-from swin.models.detector import IMAGENET_MEAN, IMAGENET_STD, SwinFPN, pyramid_anchors
+from swin.models.detector import IMAGENET_MEAN, IMAGENET_STD, SwinFPN, mask_branch, pyramid_anchors
 from swin.models.swin import SwinTransformer
 
 __all__ = ["CascadeRCNN", "CascadeRoIHeads", "CascadeStage", "build_cascade", "STAGE_IOUS", "STAGE_STDS"]
@@ -371,12 +370,7 @@ def build_cascade(
         box_head = FastRCNNConvFCHead(
             (fpn_channels, 7, 7), [fpn_channels] * box_convs, [representation_size], norm_layer=nn.BatchNorm2d
         )
-        mask_parts = {}
-        if masks:
-            mask_parts = dict(
-                mask_head=MaskRCNNHeads(fpn_channels, (mask_channels,) * 4, dilation=1),
-                mask_predictor=MaskRCNNPredictor(mask_channels, mask_channels, num_classes + 1),
-            )
+        mask_parts = mask_branch(fpn_channels, mask_channels, num_classes) if masks else {}
         predictor = CascadeBoxPredictor(representation_size, num_classes, class_agnostic)
         stages.append(CascadeStage(iou, stds, box_head, predictor, **mask_parts))
     roi_heads = CascadeRoIHeads(

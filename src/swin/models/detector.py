@@ -67,6 +67,15 @@ def pyramid_anchors(neck: SwinFPN, anchor_sizes: Sequence[int], aspect_ratios: S
     return AnchorGenerator(tuple((int(s),) for s in anchor_sizes), (tuple(aspect_ratios),) * levels)
 
 
+def mask_branch(fpn_channels: int, mask_channels: int, num_classes: int) -> dict[str, nn.Module]:
+    """torchvision's Mask R-CNN mask head (four 3×3 convs of ``mask_channels``) and predictor (upsampling, one 1×1
+    output per class and the background), as ``mask_head`` / ``mask_predictor`` keyword arguments."""
+    return dict(
+        mask_head=MaskRCNNHeads(fpn_channels, (mask_channels,) * 4, dilation=1),
+        mask_predictor=MaskRCNNPredictor(mask_channels, mask_channels, num_classes + 1),
+    )
+
+
 def build_detector(
     backbone: SwinTransformer,
     num_classes: int,
@@ -122,7 +131,6 @@ def build_detector(
     return MaskRCNN(
         neck,
         mask_roi_pool=MultiScaleRoIAlign(neck.feature_names, output_size=14, sampling_ratio=2),
-        mask_head=MaskRCNNHeads(fpn_channels, (mask_channels,) * 4, dilation=1),
-        mask_predictor=MaskRCNNPredictor(mask_channels, mask_channels, num_classes + 1),
+        **mask_branch(fpn_channels, mask_channels, num_classes),
         **options,
     )
