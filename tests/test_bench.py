@@ -4,8 +4,9 @@ import importlib
 import json
 
 import pytest
+import torch
 
-from swin import bench
+from swin.bench import backbone as bench
 
 
 def test_bench_writes_report_and_plot(tmp_path):
@@ -33,6 +34,8 @@ def test_bench_writes_report_and_plot(tmp_path):
     assert set(report["roofline_gflop_s"]) == {"fp32", "bf16"} and report["errors"] == []
     assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (out / "bench.md").read_text()
+    assert report["machine"]["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert f"family {report['machine']['family']} model {report['machine']['model']}" in table
     assert "| infer bf16 |" in table and "ours ÷ torchvision" in table and "ours+checkpointing" in table
     assert set(report["profile"]) == set(report["models"]) and report["profile_case"] == "infer fp32"
     assert all(0 < row["share"] <= 1 and row["calls"] >= 1 for rows in report["profile"].values() for row in rows)

@@ -20,9 +20,7 @@ import contextlib
 import functools
 import importlib
 import json
-import math
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -37,6 +35,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from swin.bench.common import (
+    CLOCKS,
+    cpu_name,
+    load_average,
+    machine,
+    machine_line,
+    section,
+    sync,
+    time_alternating,
+)
 from swin.models import VARIANTS, build_swin, count_flops
 
 # Extra architectures for quick runs and tests (not published variants).
@@ -182,57 +190,6 @@ def make_step(model: nn.Module, mode: str, precision: str, x: Tensor, target: Te
     return train
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-def time_alternating(
-    steps: dict[str, Callable[[], None]], device: torch.device, repeats: int, min_time: float, clock: str = "wall"
-) -> dict[str, list[float]]:
-    """Seconds per call of each step: warm-up (compiles), then ``repeats`` rounds alternating the order.
-
-    ``clock="cpu"`` counts the process's CPU time instead of wall time: with one thread on a shared machine it
-    leaves out the time other processes hold the core.
-    """
-    now = CLOCKS[clock]
-    iters = {}
-    for name, step in steps.items():
-        step()
-        _sync(device)
-        start = now()
-        step()
-        _sync(device)
-        iters[name] = max(1, math.ceil(min_time / max(now() - start, 1e-9)))
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    names = list(steps)
-    for r in range(repeats):
-        for name in names if r % 2 == 0 else names[::-1]:
-            _sync(device)
-            start = now()
-            for _ in range(iters[name]):
-                steps[name]()
-            _sync(device)
-            times[name].append((now() - start) / iters[name])
-    return times
-
-
-def _cpu_name() -> str:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    names = re.findall(r"model name\s*:\s*(.+)", info)
-    return f"{names[0]} ({len(names)} cores)" if names else platform.machine()
-
-
-def _load() -> float | None:
-    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-
-
 def _inputs(batch: int, size: int, device: torch.device) -> tuple[Tensor, Tensor]:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=generator).to(device)
@@ -245,7 +202,7 @@ def run_case(
 ) -> dict:
     """Time every model on one case; img/s medians and paired ratios of ours to each peer (>1: ours faster)."""
     x, target = _inputs(batch, size, device)
-    load_before = _load()
+    load_before = load_average()
     steps = {}
     for name in names:
         torch.manual_seed(0)
@@ -254,7 +211,7 @@ def run_case(
     times = time_alternating(steps, device, repeats, min_time, clock)
     result = {
         "mode": mode, "precision": precision, "compiled": compiled, "batch": batch, "size": size,
-        "load": [load_before, _load()],
+        "load": [load_before, load_average()],
         "models": {name: {"sec": t, "img_s": batch / statistics.median(t)} for name, t in times.items()},
         "ratio": {
             name: statistics.median(p / o for p, o in zip(times[name], times[OURS])) for name in names if name != OURS
@@ -279,12 +236,12 @@ def _rss_kib(field: str) -> int:
 def peak_memory_mb(step: Callable[[], None], device: torch.device) -> float | None:
     """Peak memory of one call above the state before it (run the step once before, so it is steady)."""
     step()
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         step()
-        _sync(device)
+        sync(device)
         return (torch.cuda.max_memory_allocated(device) - before) / 2**20
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident size
@@ -331,7 +288,7 @@ def memory_cpu(names: list[str], arch: dict, modes, precisions, batch: int, size
     spec["threads"] = torch.get_num_threads()
     spec["baseline"] = _baseline_source
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
-    code = "import swin.bench as b; b._memory_child()"
+    code = "import swin.bench.backbone as b; b._memory_child()"
     out = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(f"memory probe failed:\n{out.stderr[-2000:]}")
@@ -351,7 +308,7 @@ def sweep(
 
     ``per_pixel_vs_first`` is the time per pixel relative to the first size: 1 for a cost linear in pixels.
     """
-    steps, load_before = {}, _load()
+    steps, load_before = {}, load_average()
     for name in names:
         model = None
         for size in sizes:
@@ -361,7 +318,7 @@ def sweep(
             x, target = _inputs(batch, size, device)
             steps[(name, size)] = make_step(model, "infer", precision, x, target)
     times = time_alternating(steps, device, repeats, min_time, clock)
-    load = [load_before, _load()]
+    load = [load_before, load_average()]
     rows = [
         {
             "model": name, "size": size, "precision": precision, "load": load,
@@ -389,11 +346,11 @@ def profile_ops(
         torch.manual_seed(0)
         step = make_step(BUILDERS[name](arch, size).to(device), mode, precision, x, target)
         step()
-        _sync(device)
+        sync(device)
         with profile(activities=activities) as prof:
             step()
             step()
-            _sync(device)
+            sync(device)
         ops: dict[str, list[float]] = {}  # an op may come in several averages (e.g. overloads): one row each name
         for e in prof.key_averages():
             us, count = ops.setdefault(e.key, [0.0, 0])
@@ -417,10 +374,10 @@ def gemm_roofline(device: torch.device, dtype: torch.dtype, repeats: int = 5) ->
     for kernel in kernels:
         kernel()
         for _ in range(repeats):
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             kernel()
-            _sync(device)
+            sync(device)
             best = max(best, 2 * n**3 / (time.perf_counter() - start) / 1e9)
     return best
 
@@ -472,6 +429,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"`{report['command']}` — {report['variant']}, batch {report['batch']}, {report['size']}², "
         f"{report['device_name']}, {report['threads']} threads, torch {report['torch']}, {report['clock']} clock",
+        "",
+        f"Machine: {machine_line(report['machine'])}",
         "",
         "| case | " + " | ".join(f"{n} img/s" for n in names) + " | " + " | ".join(f"ours ÷ {p}" for p in peers)
         + " | ours GFLOP/s | load (1 min) |",
@@ -553,19 +512,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _section(report: dict, label: str, run: Callable[[], None], save: Callable[[], None]) -> None:
-    """Run one part of the benchmark; a failure (e.g. out of memory) is reported and the other parts still run."""
-    try:
-        run()
-    except Exception as err:  # noqa: BLE001 - keep what the other parts measured
-        message = f"{label} failed: {type(err).__name__}: {err}"
-        print(message, file=sys.stderr, flush=True)
-        report["errors"].append(message)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    save()
-
-
 def main(argv: Sequence[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
@@ -580,8 +526,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         print(note, file=sys.stderr)
     report = {
         "variant": args.variant, "batch": args.batch_size, "size": args.image_size, "device": args.device,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name(),
-        "threads": torch.get_num_threads(), "torch": torch.__version__, "models": names, "notes": notes,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "machine": machine(), "threads": torch.get_num_threads(), "torch": torch.__version__, "models": names, "notes": notes,
         "timm_fused_attn_env": os.environ.get("TIMM_FUSED_ATTN"), "repeats": args.repeats, "clock": args.clock,
         "command": "python -m swin.bench " + " ".join(sys.argv[1:] if argv is None else argv),
         "roofline_gflop_s": {}, "cases": [], "memory": [], "sweep": [], "errors": [],
@@ -620,24 +566,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
             args.clock,
         )
 
-    _section(report, "roofline", roofline, save)
+    section(report, "roofline", roofline, save)
     for mode in args.modes:
         for precision in args.precisions:
             for compiled in (False, True) if mode in args.compile else (False,):
                 label = case_label({"mode": mode, "precision": precision, "compiled": compiled})
-                _section(report, label, functools.partial(case, mode, precision, compiled), save)
+                section(report, label, functools.partial(case, mode, precision, compiled), save)
     if not args.no_memory:
-        _section(report, "memory", memory, save)
+        section(report, "memory", memory, save)
     if args.profile:
-        _section(report, "profile", profile, save)
+        section(report, "profile", profile, save)
     if args.sizes:
-        _section(report, "sweep", resolution_sweep, save)
+        section(report, "sweep", resolution_sweep, save)
     (args.out / "bench.md").write_text(markdown(report))
     plot(report, args.out / "bench.png")
     print(markdown(report))
     print(f"wrote bench.json, bench.md and bench.png to {args.out}")
     return report
-
-
-if __name__ == "__main__":
-    sys.exit(1 if main()["errors"] else 0)

@@ -1,0 +1,22 @@
+"""Benchmarks (``python -m swin.bench [MODE] ...``); each mode is one module of this package.
+
+- no mode: the backbone against timm's and torchvision's (:mod:`swin.bench.backbone`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+
+# the flag that selects a mode -> the module whose ``main(argv)`` runs it
+MODES: dict[str, str] = {}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Dispatch on a leading mode flag; everything else goes to the backbone benchmark."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in MODES:
+        return importlib.import_module(MODES[argv[0]]).main(argv[1:])
+    return importlib.import_module("swin.bench.backbone").main(argv)
