@@ -43,7 +43,9 @@ class SLURMRequeue(Callback):
         self._signalled = False  # set by the signal handler, acted on at the next batch end
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        env = getattr(trainer.strategy, "cluster_environment", None)  # single-device strategies have none
+        # the trainer's environment, as Lightning's own signal handling reads it: a single-device strategy (a one-GPU
+        # job) has no cluster_environment of its own
+        env = trainer._accelerator_connector.cluster_environment
         if stage != "fit" or not isinstance(env, SLURMEnvironment) or not env.auto_requeue:
             return
         env.auto_requeue = False  # keeps Lightning from installing its own handler

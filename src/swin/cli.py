@@ -86,8 +86,8 @@ class SwinCLI(LightningCLI):
         return self.trainer.predict(**kwargs)
 
 
-def main(args: list[str] | None = None) -> SwinCLI:
-    """Entry point of ``cli.py``, ``python -m swin`` and the ``swin`` command."""
+def main(args: list[str] | None = None, run: bool = True) -> SwinCLI:
+    """Entry point of ``cli.py``, ``python -m swin`` and the ``swin`` command (``run=False``: only instantiate)."""
     return SwinCLI(
         BaseTask,
         LightningDataModule,
@@ -96,4 +96,5 @@ def main(args: list[str] | None = None) -> SwinCLI:
         seed_everything_default=42,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )

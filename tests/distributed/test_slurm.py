@@ -6,6 +6,7 @@ demo config, shrunk, on CPU with 2 srun tasks (DDP over gloo, one process per ta
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import time
@@ -83,16 +84,19 @@ def logged_steps(run: Path) -> dict[int, list[int]]:
 
 
 def test_preempted_job_requeues_and_resumes(slurm_cluster, tmp_path, dist):
-    epochs, per_epoch = 10, 4  # enough steps left after the first epoch for the signal to arrive under load
+    epochs, per_epoch, hold = 3, 4, 6  # the signal arrives at step 6, in the middle of the second epoch
+    marker = tmp_path / "holding"
+    gate = {"class_path": "tests.distributed.gate.HoldUntilSignalled", "init_args": {"step": hold, "marker": str(marker)}}
     job, output = submit(
         dist, slurm_cluster, tmp_path, "requeue", f"--trainer.max_epochs={epochs}",
-        f"--trainer.limit_train_batches={per_epoch}",
+        f"--trainer.limit_train_batches={per_epoch}", f"--trainer.callbacks+={json.dumps(gate)}",
     )
     root = tmp_path / "runs" / "requeue"
     run = root / f"slurm_{job}"
-    # once the first epoch's checkpoint exists, training is under way: preempt the job as SLURM does before its
-    # time limit (--signal=SIGUSR1@90 sends SIGUSR1 to every task of the job's steps)
-    wait_for((run / "checkpoints" / "last.ckpt").exists, 300, "the first epoch's checkpoint", output)
+    # both ranks hold at step 6 until the signal has reached them: preempt the job there as SLURM does before its
+    # time limit (--signal=SIGUSR1@90 sends SIGUSR1 to every task of the job's steps), however fast the machine is
+    holding = lambda: all(Path(f"{marker}.{rank}").exists() for rank in (0, 1))  # noqa: E731
+    wait_for(holding, 300, "both ranks holding at step 6", output)
     subprocess.run(["scancel", "--signal=USR1", job], env=dist.clean_env(SLURM_CONF=str(slurm_cluster)), check=True)
     wait_for(lambda: job_info(slurm_cluster, job, dist).get("JobState") in DONE, 300, "the job's end", output)
 
@@ -101,7 +105,7 @@ def test_preempted_job_requeues_and_resumes(slurm_cluster, tmp_path, dist):
     hpc = root / "hpc_ckpt_1.ckpt"
     assert f"Restored all states from the checkpoint at {hpc}" in log, log[-5000:]
     saved_at, total = global_step(hpc), epochs * per_epoch
-    assert 0 < saved_at < total
+    assert saved_at == hold
 
     # the requeued attempt (same job id, same version folder) went on from the saved step, not from 0: the steps
     # logged by the two attempts neither overlap nor leave a gap, but for the step whose end the checkpoint marks
