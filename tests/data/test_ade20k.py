@@ -10,6 +10,7 @@ from swin.data.ade20k import (
     ADE20KDataModule,
     CatMaxRatioCrop,
     fit_size,
+    label_classes,
     paired_files,
     read_label,
 )
@@ -145,10 +146,37 @@ def test_labels_out_of_range(ade_root, tmp_path, value):
     label = np.asarray(Image.open(path)).copy()
     label[0, 0] = value
     Image.fromarray(label).save(path)
+    match = rf"ADE_train_00000001.png holds labels \[{value}\] outside 0..5"
     dm = datamodule(root)
-    dm.setup("fit")
-    with pytest.raises(ValueError, match=rf"ADE_train_00000001.png holds labels \[{value}\] outside 0..5"):
-        dm.datasets["train"][0]
+    dm.setup("validate")  # the training annotations are not read for validation
+    with pytest.raises(ValueError, match=match):
+        dm.setup("fit")  # every training annotation is checked before the first step
+    with pytest.raises(ValueError, match=match):
+        read_label(path, 5)
+
+
+def test_label_classes_are_those_of_the_decoded_annotation(ade_root):
+    for _, label_path in paired_files(ade_root, "training") + paired_files(ade_root, "validation"):
+        label = read_label(label_path, 5)
+        assert label_classes(label_path, 5) == set(np.unique(label).tolist()) - {IGNORE_INDEX}
+
+
+def test_class_only_in_validation_is_a_counted_warning(ade_root, tmp_path):
+    root = copy_tree(ade_root, tmp_path / "ade")
+    train = [read_label(p, 5) for _, p in paired_files(root, "training")]
+    absent = sorted(set(range(5)) - set(np.unique(np.stack(train)).tolist()))
+    if not absent:  # make one class validation-only: relabel it to "other" (0) in every training annotation
+        absent = [4]
+        for _, path in paired_files(root, "training"):
+            raw = np.asarray(Image.open(path)).copy()
+            raw[raw == 5] = 0
+            Image.fromarray(raw).save(path)
+    path = root / "annotations" / "validation" / "ADE_val_00000001.png"
+    raw = np.asarray(Image.open(path)).copy()
+    raw[:4, :4] = absent[0] + 1  # stored as class + 1 (reduce_zero_label)
+    Image.fromarray(raw).save(path)
+    with pytest.warns(UserWarning, match=rf"class\(es\) appear in validation annotations but in no training.*{absent[0]} "):
+        datamodule(root).setup("fit")
 
 
 def test_colour_annotation_is_refused(tmp_path):

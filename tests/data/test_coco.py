@@ -2,6 +2,7 @@
 
 import copy
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -227,3 +228,17 @@ def test_image_of_another_size_than_annotated_is_named(tmp_path):
     dm.setup("validate")
     with pytest.raises(ValueError, match=r"0002.jpg is 10x10 pixels, its annotation file says 64x48"):
         dm.datasets["val"][1]
+
+
+def test_category_only_in_validation_is_a_counted_warning(tmp_path):
+    write_tree(tmp_path)
+    train = coco_json()
+    train["annotations"] = [a for a in train["annotations"] if a["category_id"] != 11 or a["iscrowd"]]  # crowds only
+    (tmp_path / "annotations" / "instances_train2017.json").write_text(json.dumps(train))
+    dm = datamodule(tmp_path, train_sizes=[H], max_size=W)
+    with pytest.warns(UserWarning, match=r"instances_val2017.json: 1 category annotated in validation but never in "
+                      r".*instances_train2017.json.*'kite' \(id 11, 2\)"):
+        dm.setup("fit")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*annotated in validation but never")
+        datamodule(write_tree(tmp_path / "same"), train_sizes=[H], max_size=W).setup("fit")

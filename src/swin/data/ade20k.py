@@ -10,11 +10,17 @@ rescale by 0.5-2.0 of ``base_size`` keeping the aspect ratio, a random crop in w
 normalisation, padding to the crop (0 for the image after normalisation, 255 for labels). Evaluation resizes the
 image to fit ``base_size`` with its aspect ratio and keeps the annotation at its own size for the metrics, so eval
 batches are lists (images of different sizes).
+
+Before training, every annotation's classes are read once (PIL's colour count, in threads): a label out of range
+is an error naming the file at start-up rather than hours into the run, and classes that validation holds but
+training never does get one counted warning.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +30,7 @@ import numpy as np
 import torch
 from albumentations.augmentations.geometric import functional as fgeometric
 from albumentations.pytorch import ToTensorV2
+from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -42,6 +49,8 @@ __all__ = [
     "photometric_distortion",
     "resolve_class_names",
     "CatMaxRatioCrop",
+    "class_counts",
+    "label_classes",
     "paired_files",
     "read_label",
     "train_transform",
@@ -97,6 +106,35 @@ def paired_files(root: str | Path, split: str) -> list[tuple[Path, Path]]:
     return [(images[s], labels[s]) for s in sorted(images)]
 
 
+LABEL_MODES = ("L", "P", "I", "I;16")
+
+
+def _open_label(path: Path) -> Image.Image:
+    im = Image.open(path)
+    if im.mode not in LABEL_MODES:
+        im.close()
+        raise ValueError(
+            f"annotation {path} has mode {im.mode}; expected a single-channel label PNG of class indices "
+            "(an RGB colour-palette mask must first be mapped to indices, e.g. saved as mode 'P' or 'L')"
+        )
+    return im
+
+
+def _check_range(path: Path, values: np.ndarray, num_classes: int, reduce_zero_label: bool) -> np.ndarray:
+    """The class of each raw annotation value (``IGNORE_INDEX`` for ignored ones); an error names the file when a
+    value lies outside 0..K (with ``reduce_zero_label``), 0..K-1 (without) and 255."""
+    label = np.where(values == 0, IGNORE_INDEX, values - 1) if reduce_zero_label else values.copy()
+    label[values == IGNORE_INDEX] = IGNORE_INDEX
+    bad = (label >= num_classes) & (label != IGNORE_INDEX)
+    if bad.any():
+        top = num_classes if reduce_zero_label else num_classes - 1
+        raise ValueError(
+            f"annotation {path} holds labels {np.unique(values[bad]).tolist()} outside 0..{top} and {IGNORE_INDEX} "
+            f"({num_classes} classes, reduce_zero_label={reduce_zero_label})"
+        )
+    return label
+
+
 def read_label(
     path: Path, num_classes: int, reduce_zero_label: bool = True, size: tuple[int, int] | None = None
 ) -> np.ndarray:
@@ -105,26 +143,47 @@ def read_label(
     Errors name the file when it is not single-channel, when its (H, W) differs from ``size``, or when it holds
     a label outside 0..K (with ``reduce_zero_label``), 0..K-1 (without) and 255.
     """
-    with Image.open(path) as im:
-        if im.mode not in ("L", "P", "I", "I;16"):
-            raise ValueError(
-                f"annotation {path} has mode {im.mode}; expected a single-channel label PNG of class indices "
-                "(an RGB colour-palette mask must first be mapped to indices, e.g. saved as mode 'P' or 'L')"
-            )
+    with _open_label(path) as im:
         raw = np.asarray(im).astype(np.int64)
     if size is not None and raw.shape != tuple(size):
         height, width = raw.shape
         raise ValueError(f"annotation {path} is {height}×{width} (H×W) but its image is {size[0]}×{size[1]}")
-    label = np.where(raw == 0, IGNORE_INDEX, raw - 1) if reduce_zero_label else raw.copy()
-    label[raw == IGNORE_INDEX] = IGNORE_INDEX
-    bad = (label >= num_classes) & (label != IGNORE_INDEX)
-    if bad.any():
-        top = num_classes if reduce_zero_label else num_classes - 1
-        raise ValueError(
-            f"annotation {path} holds labels {np.unique(raw[bad]).tolist()} outside 0..{top} and {IGNORE_INDEX} "
-            f"({num_classes} classes, reduce_zero_label={reduce_zero_label})"
+    return _check_range(path, raw, num_classes, reduce_zero_label).astype(np.uint8)
+
+
+def label_classes(path: Path, num_classes: int, reduce_zero_label: bool = True) -> set[int]:
+    """The classes an annotation PNG holds (errors as :func:`read_label`), from PIL's colour count of the file."""
+    with _open_label(path) as im:
+        values = np.array([value for _, value in im.getcolors(maxcolors=1 << 16)], dtype=np.int64)
+    return set(_check_range(path, values, num_classes, reduce_zero_label).tolist()) - {IGNORE_INDEX}
+
+
+def class_counts(
+    pairs: Sequence[tuple[Path, Path]], num_classes: int, reduce_zero_label: bool = True
+) -> dict[int, list[Path]]:
+    """Class -> the annotations that hold it, over every pair (read in threads: about a millisecond a file)."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        found = pool.map(lambda pair: label_classes(pair[1], num_classes, reduce_zero_label), pairs)
+        counts: dict[int, list[Path]] = {}
+        for (_, label_path), classes in zip(pairs, found):
+            for k in classes:
+                counts.setdefault(k, []).append(label_path)
+    return counts
+
+
+def warn_untrained_classes(
+    train: dict[int, list[Path]], val: dict[int, list[Path]], class_names: Sequence[str], val_dir: Path
+) -> list[int]:
+    """Warn (once, counted) about classes that validation annotations hold but no training annotation does."""
+    missing = sorted(set(val) - set(train))
+    if missing:
+        listed = ", ".join(f"{k} {class_names[k]!r} ({len(val[k])}, e.g. {val[k][0].name})" for k in missing[:10])
+        rank_zero_warn(
+            f"{val_dir}: {len(missing)} class(es) appear in validation annotations but in no training annotation, "
+            f"so the model cannot learn them and their IoU will be 0: {listed}"
+            f"{' ...' if len(missing) > 10 else ''}. Check the label mapping, or move some of those images to training."
         )
-    return label.astype(np.uint8)
+    return missing
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -397,9 +456,12 @@ class ADE20KDataModule(SwinDataModule):
             pairs = paired_files(self.root, "training")
             self.datasets["train"] = ADE20KDataset(pairs, transform=transform, **labelled)
         if stage in ("fit", "validate", "test"):
-            pairs = paired_files(self.root, "validation")
+            val_pairs = paired_files(self.root, "validation")
             transform = eval_transform(self.base_size)
-            self.datasets["val"] = ADE20KDataset(pairs, transform=transform, train=False, **labelled)
+            self.datasets["val"] = ADE20KDataset(val_pairs, transform=transform, train=False, **labelled)
+        if stage == "fit":  # every label checked before the first step, not hours into the run
+            train, val = class_counts(pairs, **labelled), class_counts(val_pairs, **labelled)
+            warn_untrained_classes(train, val, self._class_names, self.root / "annotations" / "validation")
         if stage == "predict":
             default = self.root / "images" / "validation"
             self.datasets["predict"] = self.predict_dataset(eval_transform(self.base_size), default)

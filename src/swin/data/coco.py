@@ -442,11 +442,27 @@ class COCODataModule(SwinDataModule):
                 f"polygon and are left out of the training targets (ids {bad[:10]}{' ...' if len(bad) > 10 else ''})"
             )
 
+    def _warn_untrained_categories(self) -> None:
+        """One counted warning for the categories that validation annotates but training never does."""
+        train, val = self.coco("train"), self.coco("val")
+        trained = {a["category_id"] for a in train.anns.values() if not a.get("iscrowd", 0)}
+        missing = sorted({a["category_id"] for a in val.anns.values()} - trained)
+        if missing:
+            names = ", ".join(f"{val.cats[c]['name']!r} (id {c}, {len(val.getAnnIds(catIds=[c]))})" for c in missing)
+            rank_zero_warn(
+                f"{self.root / self.splits['val'][0]}: {len(missing)} categor{'y' if len(missing) == 1 else 'ies'} "
+                f"annotated in validation but never in {self.root / self.splits['train'][0]}, so the model cannot "
+                f"learn them and their AP will be 0: {names}. Check the category ids, or move some of those images "
+                "to training."
+            )
+
     def setup(self, stage: str) -> None:
         if stage == "fit":
             self.datasets["train"] = self._dataset("train", train=True)
         if stage in ("fit", "validate"):
             self.datasets["val"] = self._dataset("val", train=False)
+        if stage == "fit":
+            self._warn_untrained_categories()
         if stage == "test":
             self.datasets["test"] = self._dataset("test", train=False)
         if stage == "predict":
