@@ -171,3 +171,30 @@ def test_export_leaves_the_eager_model_and_its_caches_intact(tmp_path):
     program = torch.export.load(tmp_path / "second.pt2").module()
     with torch.no_grad():
         torch.testing.assert_close(program(x), clean, rtol=1e-5, atol=1e-5)
+
+
+def test_torchvision_layout_loads_strictly_into_torchvision(tmp_path):
+    """``--format torchvision``: torchvision's SwinTransformer (V1 from a checkpoint; V2 from a backbone) loads the
+    file with strict=True and gives our logits."""
+    from safetensors.torch import load_file
+
+    from swin.export import to_torchvision, torchvision_model
+    from swin.models.swinv2 import SwinTransformerV2
+
+    config, ckpt, task = _checkpoint(tmp_path, "classification")
+    main(["--config", str(config), "--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--format", "torchvision"])
+    peer = torchvision_model(task.backbone).eval()
+    peer.load_state_dict(load_file(tmp_path / "out" / "torchvision.safetensors"), strict=True)
+    torch.manual_seed(0)
+    v2 = SwinTransformerV2(**TINY, num_classes=3).eval()
+    with torch.no_grad():
+        for p in v2.parameters():  # the zero-initialised biases and scales too
+            p.add_(torch.randn_like(p) * 0.02)
+    peer_v2 = torchvision_model(v2).eval()
+    peer_v2.load_state_dict(to_torchvision(v2), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(peer(x), task(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(peer_v2(x), v2(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no head"):
+        torchvision_model(SwinTransformer(**TINY, num_classes=None, out_indices=(0,)))
