@@ -107,7 +107,7 @@ def test_segmentor_onnx_matches_eager_at_an_odd_size(tmp_path):
     assert got.shape == (1, 4, 45, 38) and np.abs(got - expected.numpy()).max() <= 1e-4
 
 
-def test_bad_input_names_the_file(tmp_path):
+def test_bad_input_names_the_file(tmp_path, capsys):
     config, ckpt, _ = _checkpoint(tmp_path, "classification")
     seg_config, seg_ckpt, _ = _checkpoint(tmp_path, "segmentation")
     with pytest.raises(CheckpointError, match=rf"{seg_ckpt.name} is not a ClassificationTask checkpoint.*missing"):
@@ -122,6 +122,27 @@ def test_bad_input_names_the_file(tmp_path):
         load_task(config, bare)
     with pytest.raises(SystemExit):  # argparse: invalid choice 'tflite'
         main(["--config", str(config), "--ckpt", str(ckpt), "--out", str(tmp_path), "--format", "tflite"])
+    assert "invalid choice: 'tflite'" in capsys.readouterr().err
+    state = torch.load(ckpt, weights_only=True)
+    state["state_dict"]["model.head.weight"] = torch.zeros(5, 16)  # 5 classes for the config's 3
+    wide = tmp_path / "wide.ckpt"
+    torch.save(state, wide)
+    with pytest.raises(CheckpointError, match=rf"(?s){wide.name} does not fit ClassificationTask.*model\.head\.weight"):
+        load_task(config, wide)
+
+
+def test_safetensors_with_wrong_shapes_names_file_key_and_shape(tmp_path):
+    from safetensors.torch import save_file
+
+    from swin.models import load_pretrained
+
+    model = SwinTransformer(**TINY, num_classes=3)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    sd["layers.0.blocks.0.mlp.fc1.weight"] = torch.zeros(7, 8)
+    path = tmp_path / "wrong.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(CheckpointError, match=r"wrong\.safetensors: layers\.0\.blocks\.0\.mlp\.fc1\.weight.*\(7, 8\)"):
+        load_pretrained(SwinTransformer(**TINY, num_classes=3), path)
 
 
 def test_backbone_safetensors_round_trip_through_timm_and_load_pretrained(tmp_path):

@@ -73,7 +73,10 @@ def load_task(config: str | os.PathLike, ckpt: str | os.PathLike) -> tuple[BaseT
     linked = {k: hparams[k] for k in ("num_classes", "class_names") if hparams.get(k) is not None}
     task = build_task(cfg["model"], pretrained=None, **linked)  # the checkpoint holds every weight
     task.on_load_checkpoint(state)
-    result = task.load_state_dict(state["state_dict"], strict=False)
+    try:
+        result = task.load_state_dict(state["state_dict"], strict=False)
+    except RuntimeError as err:  # torch names every key whose shape differs
+        raise CheckpointError(f"{ckpt} does not fit {type(task).__name__} of {config}: {err}") from err
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f"{ckpt} is not a {type(task).__name__} checkpoint for {config}: "
