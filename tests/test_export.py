@@ -82,18 +82,20 @@ def test_classifier_onnx_and_pt2_match_eager(tmp_path):
     assert info["input"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
 
 
-@pytest.mark.parametrize("size", [(40, 36), (37, 45)])  # not window multiples at any stage; one odd
-def test_dense_backbone_onnx_matches_eager(tmp_path, size):
+def test_dense_backbone_onnx_takes_any_size_in_one_graph(tmp_path):
+    """Exported at 40×36 with a dynamic height and width: the same graph at the export's size, at an odd size and at
+    one that fits a single window in the last stage (no shift there), none of them window multiples."""
     torch.manual_seed(0)
-    model = SwinTransformer(**TINY, num_classes=None, out_indices=(0, 1)).eval()
-    path = export_onnx(model, torch.randn(2, 3, *size), tmp_path / "backbone.onnx")
-    x = torch.randn(3, 3, *size)
-    with torch.no_grad():
-        expected = model(x)
-    got = _ort(path, x)
-    assert len(got) == len(expected)
-    for g, e in zip(got, expected):
-        assert g.shape == tuple(e.shape) and np.abs(g - e.numpy()).max() <= 1e-4
+    model = SwinTransformer(**{**TINY, "window_size": 7}, num_classes=None, out_indices=(0, 1)).eval()
+    path = export_onnx(model, torch.randn(2, 3, 40, 36), tmp_path / "backbone.onnx", dynamic_hw=True)
+    for size in [(40, 36), (231, 197), (30, 45)]:
+        x = torch.randn(1 if size[0] > 100 else 3, 3, *size)
+        with torch.no_grad():
+            expected = model(x)
+        got = _ort(path, x)
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            assert g.shape == tuple(e.shape) and np.abs(g - e.numpy()).max() <= 1e-4, size
 
 
 def test_segmentor_onnx_matches_eager_at_an_odd_size(tmp_path):
