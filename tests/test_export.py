@@ -82,18 +82,20 @@ def test_classifier_onnx_and_pt2_match_eager(tmp_path):
     assert info["input"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
 
 
-@pytest.mark.parametrize("size", [(40, 36), (37, 45)])  # not window multiples at any stage; one odd
-def test_dense_backbone_onnx_matches_eager(tmp_path, size):
+def test_dense_backbone_onnx_takes_any_size_in_one_graph(tmp_path):
+    """Exported at 40×36 with a dynamic height and width: the same graph at the export's size, at an odd size and at
+    one that fits a single window in the last stage (no shift there), none of them window multiples."""
     torch.manual_seed(0)
-    model = SwinTransformer(**TINY, num_classes=None, out_indices=(0, 1)).eval()
-    path = export_onnx(model, torch.randn(2, 3, *size), tmp_path / "backbone.onnx")
-    x = torch.randn(3, 3, *size)
-    with torch.no_grad():
-        expected = model(x)
-    got = _ort(path, x)
-    assert len(got) == len(expected)
-    for g, e in zip(got, expected):
-        assert g.shape == tuple(e.shape) and np.abs(g - e.numpy()).max() <= 1e-4
+    model = SwinTransformer(**{**TINY, "window_size": 7}, num_classes=None, out_indices=(0, 1)).eval()
+    path = export_onnx(model, torch.randn(2, 3, 40, 36), tmp_path / "backbone.onnx", dynamic_hw=True)
+    for size in [(40, 36), (231, 197), (30, 45)]:
+        x = torch.randn(1 if size[0] > 100 else 3, 3, *size)
+        with torch.no_grad():
+            expected = model(x)
+        got = _ort(path, x)
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected):
+            assert g.shape == tuple(e.shape) and np.abs(g - e.numpy()).max() <= 1e-4, size
 
 
 def test_segmentor_onnx_matches_eager_at_an_odd_size(tmp_path):
@@ -107,7 +109,7 @@ def test_segmentor_onnx_matches_eager_at_an_odd_size(tmp_path):
     assert got.shape == (1, 4, 45, 38) and np.abs(got - expected.numpy()).max() <= 1e-4
 
 
-def test_bad_input_names_the_file(tmp_path):
+def test_bad_input_names_the_file(tmp_path, capsys):
     config, ckpt, _ = _checkpoint(tmp_path, "classification")
     seg_config, seg_ckpt, _ = _checkpoint(tmp_path, "segmentation")
     with pytest.raises(CheckpointError, match=rf"{seg_ckpt.name} is not a ClassificationTask checkpoint.*missing"):
@@ -122,6 +124,27 @@ def test_bad_input_names_the_file(tmp_path):
         load_task(config, bare)
     with pytest.raises(SystemExit):  # argparse: invalid choice 'tflite'
         main(["--config", str(config), "--ckpt", str(ckpt), "--out", str(tmp_path), "--format", "tflite"])
+    assert "invalid choice: 'tflite'" in capsys.readouterr().err
+    state = torch.load(ckpt, weights_only=True)
+    state["state_dict"]["model.head.weight"] = torch.zeros(5, 16)  # 5 classes for the config's 3
+    wide = tmp_path / "wide.ckpt"
+    torch.save(state, wide)
+    with pytest.raises(CheckpointError, match=rf"(?s){wide.name} does not fit ClassificationTask.*model\.head\.weight"):
+        load_task(config, wide)
+
+
+def test_safetensors_with_wrong_shapes_names_file_key_and_shape(tmp_path):
+    from safetensors.torch import save_file
+
+    from swin.models import load_pretrained
+
+    model = SwinTransformer(**TINY, num_classes=3)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    sd["layers.0.blocks.0.mlp.fc1.weight"] = torch.zeros(7, 8)
+    path = tmp_path / "wrong.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(CheckpointError, match=r"wrong\.safetensors: layers\.0\.blocks\.0\.mlp\.fc1\.weight.*\(7, 8\)"):
+        load_pretrained(SwinTransformer(**TINY, num_classes=3), path)
 
 
 def test_backbone_safetensors_round_trip_through_timm_and_load_pretrained(tmp_path):
@@ -171,3 +194,30 @@ def test_export_leaves_the_eager_model_and_its_caches_intact(tmp_path):
     program = torch.export.load(tmp_path / "second.pt2").module()
     with torch.no_grad():
         torch.testing.assert_close(program(x), clean, rtol=1e-5, atol=1e-5)
+
+
+def test_torchvision_layout_loads_strictly_into_torchvision(tmp_path):
+    """``--format torchvision``: torchvision's SwinTransformer (V1 from a checkpoint; V2 from a backbone) loads the
+    file with strict=True and gives our logits."""
+    from safetensors.torch import load_file
+
+    from swin.export import to_torchvision, torchvision_model
+    from swin.models.swinv2 import SwinTransformerV2
+
+    config, ckpt, task = _checkpoint(tmp_path, "classification")
+    main(["--config", str(config), "--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--format", "torchvision"])
+    peer = torchvision_model(task.backbone).eval()
+    peer.load_state_dict(load_file(tmp_path / "out" / "torchvision.safetensors"), strict=True)
+    torch.manual_seed(0)
+    v2 = SwinTransformerV2(**TINY, num_classes=3).eval()
+    with torch.no_grad():
+        for p in v2.parameters():  # the zero-initialised biases and scales too
+            p.add_(torch.randn_like(p) * 0.02)
+    peer_v2 = torchvision_model(v2).eval()
+    peer_v2.load_state_dict(to_torchvision(v2), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(peer(x), task(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(peer_v2(x), v2(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no head"):
+        torchvision_model(SwinTransformer(**TINY, num_classes=None, out_indices=(0,)))

@@ -7,10 +7,14 @@ class count and names come from the checkpoint), then the checkpoint's ``state_d
 ``torch.load(weights_only=True)``). Written to DIR: ``model.onnx`` and / or ``model.pt2`` and always
 ``contract.json`` (mean / std, input size and layout, class names); ``--format safetensors`` / ``timm`` write the
 backbone as ``backbone.safetensors`` (official layout) / ``timm.safetensors`` (timm's, for
-``timm.create_model(..., pretrained_cfg_overlay=dict(file=...))`` or ``load_state_dict``). Classification exports ``eval_model()`` (the EMA
+``timm.create_model(..., pretrained_cfg_overlay=dict(file=...))`` or ``load_state_dict``) / ``torchvision.safetensors``
+(``torchvision.models.swin_t(num_classes=...).load_state_dict(load_file(...))``, V2: ``swin_v2_t`` and kin). Classification exports ``eval_model()`` (the EMA
 weights when on) with logits as output; segmentation the UperNet segmentor (logits at the input's size, no
 auxiliary head). Both have a dynamic batch; height and width are those of ``--size`` (default: the config's
-``data.init_args.image_size``, else 224). The Swin blocks export their cyclic shift, padding and window partition
+``data.init_args.image_size``, else 224). The dense backbone alone exports with a dynamic height and width too
+(``export_onnx`` / ``export_pt2`` with ``dynamic_hw=True``: one graph for any size, window multiple or not); the
+UperNet segmentor with ``dynamic_hw`` took over 8 minutes to export and failed (on 2 shared cores), so the CLI exports
+it at one size. The Swin blocks export their cyclic shift, padding and window partition
 as tensor arithmetic (:func:`swin.models.swin.window_tensors`), with the eager numbers. Mask R-CNN is refused:
 torchvision's detectors export to ONNX only through the TorchScript exporter, at fixed sizes, which this tool does
 not drive.
@@ -32,15 +36,16 @@ from lightning.pytorch.cli import LightningArgumentParser
 from torch import Tensor, nn
 
 from swin.data.transforms import IMAGENET_MEAN, IMAGENET_STD
-from swin.models import CheckpointError
+from swin.models import CheckpointError, SwinTransformer
 from swin.tasks.base import BaseTask
 
 __all__ = [
-    "FORMATS", "build_task", "load_task", "export_module", "export_onnx", "export_pt2", "to_timm", "save_backbone",
-    "contract", "main",
+    "FORMATS", "build_task", "load_task", "export_module", "export_onnx", "export_pt2", "to_timm", "torchvision_model",
+    "to_torchvision", "save_backbone", "contract", "main",
 ]  # fmt: skip
 
-FORMATS = ("onnx", "pt2", "safetensors", "timm")
+FORMATS = ("onnx", "pt2", "safetensors", "timm", "torchvision")
+LAYOUTS = {"safetensors": "backbone.safetensors", "timm": "timm.safetensors", "torchvision": "torchvision.safetensors"}
 
 
 def build_task(model: dict[str, Any], **init_args: Any) -> BaseTask:
@@ -71,7 +76,10 @@ def load_task(config: str | os.PathLike, ckpt: str | os.PathLike) -> tuple[BaseT
     linked = {k: hparams[k] for k in ("num_classes", "class_names") if hparams.get(k) is not None}
     task = build_task(cfg["model"], pretrained=None, **linked)  # the checkpoint holds every weight
     task.on_load_checkpoint(state)
-    result = task.load_state_dict(state["state_dict"], strict=False)
+    try:
+        result = task.load_state_dict(state["state_dict"], strict=False)
+    except RuntimeError as err:  # torch names every key whose shape differs
+        raise CheckpointError(f"{ckpt} does not fit {type(task).__name__} of {config}: {err}") from err
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f"{ckpt} is not a {type(task).__name__} checkpoint for {config}: "
@@ -133,13 +141,71 @@ def to_timm(sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return out
 
 
+def torchvision_model(backbone: SwinTransformer) -> nn.Module:
+    """torchvision's ``SwinTransformer`` (V2 blocks for a V2 backbone) with ``backbone``'s architecture, random
+    weights: what ``torchvision.models.swin_t`` / ``swin_v2_t`` ... build for the published variants."""
+    from torchvision.models import swin_transformer as tv
+
+    from swin.models.swinv2 import SwinTransformerV2
+
+    if not isinstance(backbone.head, nn.Linear):
+        raise ValueError(
+            f"torchvision's layout needs a classifier with a head; this {type(backbone).__name__} has "
+            f"{'no head (a dense backbone)' if backbone.head is None else 'pooled features only (num_classes=0)'}"
+        )
+    v2 = isinstance(backbone, SwinTransformerV2)
+    return tv.SwinTransformer(
+        patch_size=[backbone.patch_size] * 2, embed_dim=backbone.embed_dim,
+        depths=[len(stage.blocks) for stage in backbone.layers],
+        num_heads=[stage.blocks[0].attn.num_heads for stage in backbone.layers],
+        window_size=[backbone.window_size] * 2, num_classes=backbone.head.out_features,
+        **({"block": tv.SwinTransformerBlockV2, "downsample_layer": tv.PatchMergingV2} if v2 else {}),
+    )  # fmt: skip
+
+
+def to_torchvision(backbone: SwinTransformer) -> dict[str, Tensor]:
+    """``backbone``'s weights under torchvision's keys: every key of :func:`torchvision_model`'s state dict, named
+    through the loader's torchvision → official mapping (:func:`swin.models.weights.to_official`) read backwards;
+    V2's q / v biases become one ``qkv.bias`` (k third zero); torchvision's own index and coordinate buffers."""
+    from swin.models.weights import to_official
+
+    template = torchvision_model(backbone).state_dict()
+    pretrained = getattr(backbone, "pretrained_window_sizes", ())
+    if any(size and size != backbone.window_size for size in pretrained):
+        raise ValueError(
+            f"pretrained_window_sizes {tuple(pretrained)}: torchvision's V2 normalises its relative coordinates by "
+            f"the window ({backbone.window_size}) and has no such setting"
+        )
+    ours = backbone.state_dict()
+    names = {next(iter(to_official({k: v}, "torchvision")), None): k for k, v in template.items()}
+    out = {}
+    for official, k in names.items():
+        if official in ours:
+            out[k] = ours[official]
+    for k, v in template.items():
+        stem = k[: -len("qkv.bias")]
+        if k not in out and k.endswith("attn.qkv.bias") and stem + "logit_scale" in template:
+            prefix = next(o for o, t in names.items() if t == stem + "logit_scale")[: -len("logit_scale")]
+            out[k] = torch.cat([ours[prefix + "q_bias"], torch.zeros_like(ours[prefix + "v_bias"]), ours[prefix + "v_bias"]])
+        elif k not in out and k.endswith(("relative_position_index", "relative_coords_table")):
+            out[k] = v
+        if k not in out:
+            raise CheckpointError(f"{type(backbone).__name__} has no weight for torchvision's {k}")
+        if out[k].shape != v.shape:
+            raise CheckpointError(f"torchvision's {k} is {tuple(v.shape)}, ours {tuple(out[k].shape)}")
+    return out
+
+
 def save_backbone(task: BaseTask, path: str | os.PathLike, layout: str = "safetensors") -> Path:
     """The task's Swin as a ``.safetensors`` file: the official layout (``safetensors``, what
-    :func:`~swin.models.load_pretrained` and the official code read) or timm's (``timm``)."""
+    :func:`~swin.models.load_pretrained` and the official code read), timm's (``timm``) or torchvision's
+    (``torchvision``: ``load_state_dict(..., strict=True)`` into ``torchvision.models.swin_t()`` and kin)."""
     from safetensors.torch import save_file
 
-    sd = {k: v.detach().contiguous() for k, v in task.backbone.state_dict().items()}
-    save_file(to_timm(sd) if layout == "timm" else sd, str(path), metadata={"format": "pt", "layout": layout})
+    sd = {k: v.detach() for k, v in task.backbone.state_dict().items()}
+    sd = to_timm(sd) if layout == "timm" else to_torchvision(task.backbone) if layout == "torchvision" else sd
+    sd = {k: v.detach().contiguous() for k, v in sd.items()}
+    save_file(sd, str(path), metadata={"format": "pt", "layout": layout})
     return Path(path)
 
 
@@ -179,7 +245,9 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--config", required=True, help="the task's training config (YAML)")
     parser.add_argument("--ckpt", required=True, help="a Lightning checkpoint of that task")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--format", nargs="+", default=list(FORMATS), choices=FORMATS, help="what to write")
+    parser.add_argument(
+        "--format", nargs="+", default=list(FORMATS[:4]), choices=FORMATS, help="what to write (default: all but torchvision)"
+    )
     parser.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), help="input size (default: the config's)")
     args = parser.parse_args(argv)
     task, cfg = load_task(args.config, args.ckpt)
@@ -193,9 +261,8 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         written.append(export_onnx(module, example, out / "model.onnx"))
     if "pt2" in args.format:
         written.append(export_pt2(module, example, out / "model.pt2"))
-    for layout in ("safetensors", "timm"):
+    for layout, name in LAYOUTS.items():
         if layout in args.format:
-            name = "backbone.safetensors" if layout == "safetensors" else "timm.safetensors"
             written.append(save_backbone(task, out / name, layout))
     (out / "contract.json").write_text(json.dumps(contract(task, size), indent=2) + "\n")
     written.append(out / "contract.json")

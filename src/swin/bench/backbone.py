@@ -5,7 +5,9 @@ img/s is the median over repeats and each ratio is the median of the per-repeat 
 shared machine moves all models alike. Cases: inference and training step (forward, backward, AdamW step), fp32
 and bf16 autocast, eager and ``torch.compile``; plus peak memory, a resolution sweep (time per pixel) and a GEMM
 roofline. Writes ``bench.json`` and ``bench.png`` into ``--out``. Peers are optional: a peer that cannot be
-imported is skipped with a note (timm is only a test dependency of this package).
+imported is skipped with a note (timm is only a test dependency of this package). The opt-in peers ``ours-ort`` and
+``torchvision-ort`` are ours and torchvision's exported to ONNX and run under onnxruntime, in the CPU fp32 eager
+inference case only.
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` above the steady state (weights, optimizer state). On CPU the
 peak resident set size above the steady state, read from ``/proc/self/status`` (VmHWM, reset through
@@ -108,12 +110,45 @@ def _build_torchvision(arch: dict, img_size: int) -> nn.Module:
     )
 
 
+class OrtModel(nn.Module):
+    """An eager model exported to ONNX (:func:`swin.export.export_onnx`: dynamic batch, ``img_size``²) and run
+    under onnxruntime's CPU provider with torch's thread count; images in, logits out (fp32 inference only)."""
+
+    def __init__(self, model: nn.Module, img_size: int):
+        super().__init__()
+        import onnxruntime as ort
+
+        from swin.export import export_onnx
+
+        path = Path(tempfile.mkdtemp(prefix="swin-bench-ort-")) / "model.onnx"
+        export_onnx(model.eval(), torch.randn(2, 3, img_size, img_size), path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = torch.get_num_threads()
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.input = self.session.get_inputs()[0].name
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: x.numpy()})[0])
+
+
+# onnxruntime rows: opt-in peers (each export takes minutes for Swin-T), timed in the infer fp32 eager CPU case only
+ORT_PEERS = {"ours-ort": _build_ours, "torchvision-ort": _build_torchvision}
+
+
+def _ort_only_where_it_runs(names: Sequence[str], mode: str, precision: str, compiled: bool, device: torch.device):
+    """``names`` without the onnxruntime peers unless the case is CPU fp32 eager inference."""
+    runs = (mode, precision, compiled, device.type) == ("infer", "fp32", False, "cpu")
+    return [name for name in names if runs or name not in ORT_PEERS]
+
+
 BUILDERS: dict[str, Callable[..., nn.Module]] = {
     OURS: _build_ours,
     "timm": _build_timm,
     TIMM_SDPA: lambda arch, img_size: _build_timm(arch, img_size, fused_attn=True),
     "torchvision": _build_torchvision,
-}
+    **{name: functools.partial(lambda b, arch, img_size: OrtModel(b(arch, img_size), img_size), b)
+       for name, b in ORT_PEERS.items()},
+}  # fmt: skip
 
 
 def load_baseline(path: str | os.PathLike) -> None:
@@ -142,7 +177,9 @@ def available_models(peers: Sequence[str]) -> tuple[list[str], list[str]]:
     for peer in peers:
         if peer not in BUILDERS or peer == OURS:
             raise ValueError(f"unknown peer {peer!r}; choose from {sorted(set(BUILDERS) - {OURS})}")
-        module = {BASELINE: "swin_baseline"}.get(peer, "timm" if peer.startswith("timm") else peer)
+        module = {BASELINE: "swin_baseline", **dict.fromkeys(ORT_PEERS, "onnxruntime")}.get(
+            peer, "timm" if peer.startswith("timm") else peer
+        )
         try:
             importlib.import_module(module)
         except ImportError as err:
@@ -201,6 +238,7 @@ def run_case(
     device: torch.device, repeats: int, min_time: float, clock: str = "wall",
 ) -> dict:
     """Time every model on one case; img/s medians and paired ratios of ours to each peer (>1: ours faster)."""
+    names = _ort_only_where_it_runs(names, mode, precision, compiled, device)
     x, target = _inputs(batch, size, device)
     load_before = load_average()
     steps = {}
@@ -437,8 +475,8 @@ def markdown(report: dict) -> str:
         "|---" * (len(names) + len(peers) + 3) + "|",
     ]
     for c in report["cases"]:
-        speeds = " | ".join(f"{c['models'][n]['img_s']:.1f}" for n in names)
-        ratios = " | ".join(f"×{c['ratio'][p]:.2f}" for p in peers)
+        speeds = " | ".join(f"{c['models'][n]['img_s']:.1f}" if n in c["models"] else "" for n in names)
+        ratios = " | ".join(f"×{c['ratio'][p]:.2f}" if p in c["ratio"] else "" for p in peers)
         load = "–".join(f"{v:.1f}" for v in c["load"] if v is not None)
         lines.append(f"| {case_label(c)} | {speeds} | {ratios} | {c['models'][OURS]['gflop_s']:.0f} | {load} |")
     if report["memory"]:
@@ -551,18 +589,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
         speeds = ", ".join(f"{k} {m['img_s']:.1f}" for k, m in result["models"].items())
         print(f"{case_label(result):>22}: {speeds} img/s | ours vs {ratios} | load {result['load']}", flush=True)
 
+    eager = [name for name in names if name not in ORT_PEERS]  # memory, profile and sweep: the eager models
+
     def memory() -> None:
-        spec = (names, arch, args.modes, args.precisions, args.batch_size, args.image_size)
+        spec = (eager, arch, args.modes, args.precisions, args.batch_size, args.image_size)
         report["memory"] = memory_table(*spec, device) if device.type == "cuda" else memory_cpu(*spec)
 
     def profile() -> None:
         mode, precision = args.modes[0], args.precisions[0]
         report["profile_case"] = f"{mode} {precision}"
-        report["profile"] = profile_ops(names, arch, mode, precision, args.batch_size, args.image_size, device)
+        report["profile"] = profile_ops(eager, arch, mode, precision, args.batch_size, args.image_size, device)
 
     def resolution_sweep() -> None:
         report["sweep"] = sweep(
-            names, arch, args.sizes, args.precisions[0], args.batch_size, device, args.repeats, args.min_time,
+            eager, arch, args.sizes, args.precisions[0], args.batch_size, device, args.repeats, args.min_time,
             args.clock,
         )
 

@@ -148,6 +148,11 @@ def window_index(
         return fwd, inv, valid
 
 
+def _wrap(index: Tensor, size: int) -> Tensor:
+    """``index % size`` for -size <= index < 2·size, without a remainder by a (possibly symbolic) size."""
+    return torch.where(index >= size, index - size, torch.where(index < 0, index + size, index))
+
+
 def window_tensors(
     height: int, width: int, window: int, shifted: bool, device: torch.device
 ) -> tuple[int, int, Tensor | None, Tensor, Tensor, Tensor]:
@@ -157,16 +162,17 @@ def window_tensors(
     ``valid`` (all True without padding) and, for shifted blocks, a mask (all 0 where the shift is 0), so that one
     graph serves every input size with the same numbers. Returns padded height and width, mask, fwd, inv, valid.
     """
-    pad_h, pad_w = -(-height // window) * window, -(-width // window) * window
+    # ceil division without a negative floor division (ONNX divides integers towards zero)
+    pad_h, pad_w = (height + window - 1) // window * window, (width + window - 1) // window * window
     rows, cols = torch.arange(pad_h, device=device), torch.arange(pad_w, device=device)
     half = window // 2 if shifted else 0
     shift_h, shift_w = (rows >= window).any().long() * half, (cols >= window).any().long() * half
     # roll(-shift): the shifted map's row r holds the raster's row (r + shift) mod H'
-    grid = ((rows + shift_h) % pad_h)[:, None] * pad_w + ((cols + shift_w) % pad_w)[None, :]
+    grid = _wrap(rows + shift_h, pad_h)[:, None] * pad_w + _wrap(cols + shift_w, pad_w)[None, :]
     fwd = window_partition(grid[None, :, :, None], window).flatten()
     order = torch.arange(pad_h * pad_w, device=device).view(-1, window * window, 1)
     position = window_reverse(order, window, pad_h, pad_w)[0, :, :, 0]  # window-order position of each shifted cell
-    inv = position.index_select(0, (rows - shift_h) % pad_h).index_select(1, (cols - shift_w) % pad_w).flatten()
+    inv = position.index_select(0, _wrap(rows - shift_h, pad_h)).index_select(1, _wrap(cols - shift_w, pad_w)).flatten()
     valid = ((rows < height)[:, None] & (cols < width)[None, :]).flatten()[fwd]
     mask = None
     if shifted:  # region ids of the slices (0, -M), (-M, -s), (-s, None), as _regions
@@ -199,7 +205,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         p = self.patch_size
-        pad_h, pad_w = (-x.shape[2]) % p, (-x.shape[3]) % p
+        pad_h, pad_w = (p - x.shape[2] % p) % p, (p - x.shape[3] % p) % p  # non-negative operands: ONNX-safe
         if exporting() or pad_h or pad_w:  # export: one graph for every size
             x = F.pad(x, (0, pad_w, 0, pad_h))
         if in_pieces(self, x, self.piece_tokens):  # bands of patch rows

@@ -278,7 +278,10 @@ def load_pretrained(
             notes.append(f"dropped the checkpoint's head {tuple(v.shape)}: the model's is {tuple(t.shape)}")
             del sd[k]
         else:
-            raise CheckpointError(f"{k}: checkpoint shape {tuple(v.shape)} does not fit the model's {tuple(t.shape)}")
+            where = str(source) if isinstance(source, (str, os.PathLike)) else "the given state dict"
+            raise CheckpointError(
+                f"{where}: {k}: checkpoint shape {tuple(v.shape)} does not fit the model's {tuple(t.shape)}"
+            )
     result = model.load_state_dict(sd, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith(("relative_position_index", "attn_mask"))]
     if missing or result.unexpected_keys:
