@@ -5,19 +5,25 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import signal
 import statistics
 import subprocess
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from swin.data.samplers import EpochSampler, derived_seed
 
 
 def next_hpc_checkpoint(folder: str | os.PathLike) -> Path:
@@ -155,3 +161,73 @@ class CompileModel(Callback):
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         pl_module.model.compile(backend=self.backend, mode=self.mode)
+
+
+class StepSeed(Callback):
+    """Reseed torch, numpy and ``random`` before every training batch from ``(seed, epoch, batch)``.
+
+    Dropout, drop path, mixup and cutmix then draw the same numbers at the same step whether or not the run was
+    killed and resumed in between (together with :class:`swin.data.samplers.SeededSamples` for the augmentations).
+    """
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        seed = derived_seed(self.seed, 2, trainer.current_epoch, batch_idx)
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+
+
+# ResumeData makes the training loaders resumable part-way through an epoch; Lightning, which looks for a
+# ``state_dict`` on the loader, would warn at every such resume that they are not
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+
+
+class ResumeData(Callback):
+    """A resumed fit goes on with the batch after its checkpoint's: the training loader's
+    :class:`~swin.data.samplers.EpochSampler` is put at the saved epoch and batch, and the loader's iterator, which
+    Lightning makes before it restores the checkpoint (its workers already drawing from epoch 0), is made anew."""
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        loop = trainer.fit_loop
+        loader = trainer.train_dataloader
+        if not loop.restarting or not isinstance(getattr(loader, "sampler", None), EpochSampler):
+            return
+        epoch = loop.epoch_progress.current.processed
+        done = loop.epoch_loop.batch_progress.current.processed
+        if done >= trainer.num_training_batches:  # saved at the end of an epoch: the next one comes
+            epoch, done = epoch + 1, 0
+        loader.sampler.set_epoch(epoch)
+        loader.sampler.start = done * loader.batch_size
+        if loop._data_fetcher is not None:
+            iter(loop._data_fetcher)
+
+
+class ResumableLogs(Callback):
+    """The logs of a resumed run continue without a duplicated or a missing step.
+
+    Every checkpoint flushes the loggers first, so nothing logged before it is lost with the process; when training
+    resumes from a checkpoint, the loggers that can (:mod:`swin.loggers`) forget what they hold from the first
+    step the resumed run logs on.
+    """
+
+    def __init__(self) -> None:
+        self._resumed = False
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+            if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
+                logger.experiment.flush()
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        self._resumed = trainer.state.fn == "fit"
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._resumed:
+            self._resumed = False
+            for logger in trainer.loggers:
+                if hasattr(logger, "resume"):
+                    logger.resume()

@@ -12,8 +12,6 @@ import colorsys
 import csv
 import io
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,6 +26,7 @@ from torch import Tensor
 from torchvision.utils import draw_bounding_boxes, draw_segmentation_masks
 
 from swin.data.io import read_image
+from swin.files import atomic_write
 from swin.tasks.detection import coco_results
 
 __all__ = [
@@ -35,24 +34,9 @@ __all__ = [
     "ClassificationCSVWriter",
     "DetectionWriter",
     "SegmentationWriter",
-    "atomic_write",
     "class_color",
     "label_palette",
 ]
-
-
-def atomic_write(path: str | os.PathLike, data: bytes | str) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename: never half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _png_bytes(image: Image.Image) -> bytes:

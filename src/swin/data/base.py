@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from swin.data import shapes
 from swin.data.io import PredictFolder
+from swin.data.samplers import EpochSampler, SeededSamples
 from swin.data.transforms import seed_worker_transforms
 
 
@@ -84,9 +86,9 @@ class SwinDataModule(LightningDataModule):
         """How samples become a batch (None: PyTorch's default collation)."""
         return None
 
-    def train_sampler(self) -> Sampler | None:
-        """The training loader's sampler (None: shuffle; Lightning shards either under DDP)."""
-        return None
+    def train_sampler(self, ranks: dict[str, int], seed: int) -> EpochSampler:
+        """The training loader's sampler over this process's share (``ranks``: ``num_replicas``, ``rank``)."""
+        return EpochSampler(len(self.datasets["train"]), seed=seed, **ranks)
 
     def _eval_sampler(self, dataset: Dataset) -> Sampler | None:
         """The unrepeated split of ``dataset`` over the ranks under a distributed strategy, else None (Lightning keeps a
@@ -105,15 +107,20 @@ class SwinDataModule(LightningDataModule):
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self.datasets[split]
         if train:
-            sampler = self.train_sampler()
             if self.drop_last:
                 self._check_enough_for_a_batch(len(dataset))
+            seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+            trainer = getattr(self, "trainer", None)
+            sampler = self.train_sampler(
+                (trainer.distributed_sampler_kwargs if trainer is not None else None) or {"num_replicas": 1, "rank": 0},
+                seed,
+            )
+            dataset = SeededSamples(dataset, seed)
         else:
             sampler = None if split == "predict" else self._eval_sampler(dataset)
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train and sampler is None,
             sampler=sampler,
             drop_last=train and self.drop_last,
             num_workers=self.num_workers,

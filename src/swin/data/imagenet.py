@@ -6,13 +6,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.utils.data import Dataset
 
 from swin.data import shapes
 from swin.data.base import SwinDataModule
 from swin.data.io import IMAGE_EXTENSIONS, list_images, read_image
-from swin.data.samplers import ClassBalancedSampler
+from swin.data.samplers import ClassBalancedSampler, EpochSampler
 from swin.data.transforms import CROP_PCT, classification_transforms, interpolation_flag
 
 EXTENSIONS = " ".join(IMAGE_EXTENSIONS)
@@ -167,10 +166,10 @@ class ImageNetDataModule(SwinDataModule):
     def _transform(self, train: bool) -> Callable[..., dict[str, Any]]:
         return classification_transforms(self.image_size, train=train, **self.augment, **self.resize)
 
-    def train_sampler(self) -> ClassBalancedSampler | None:
+    def train_sampler(self, ranks: dict[str, int], seed: int) -> EpochSampler:
         if not self.balanced:
-            return None
-        return ClassBalancedSampler(self.datasets["train"].labels, seed=torch.initial_seed() % 2**31)
+            return super().train_sampler(ranks, seed)
+        return ClassBalancedSampler(self.datasets["train"].labels, seed=seed, **ranks)
 
     def setup(self, stage: str) -> None:
         if stage == "fit":

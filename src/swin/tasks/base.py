@@ -11,6 +11,7 @@ optimiser step; the learning rate is given per ``lr_batch_size`` images and scal
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -21,7 +22,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
 from torch import nn
 
-from swin.callbacks import SLURMRequeue
+from swin.callbacks import ResumableLogs, ResumeData, SLURMRequeue, StepSeed
 from swin.models import SwinTransformer, build_swin, load_pretrained
 
 Schedule = Literal["cosine", "poly", "step", "constant"]
@@ -124,6 +125,8 @@ class BaseTask(LightningModule):
         poly_power: exponent of the poly schedule.
         milestones: epochs at which the step schedule multiplies the learning rate by ``gamma``.
         gamma: factor of the step schedule.
+        checkpoint_every_n_steps: refresh ``last.ckpt`` every this many optimiser steps (None: at every validation),
+            which bounds what a killed run loses.
         **removed: arguments of older versions (``removed_hparams``), which their checkpoints still carry: ignored
             with a warning; anything else is an error.
     """
@@ -147,6 +150,7 @@ class BaseTask(LightningModule):
         poly_power: float = 1.0,
         milestones: Sequence[float] = (),
         gamma: float = 0.1,
+        checkpoint_every_n_steps: int | None = None,
         **removed: Any,
     ) -> None:
         super().__init__()
@@ -210,7 +214,9 @@ class BaseTask(LightningModule):
         return build_swin(self.hparams.backbone, **kwargs)
 
     def configure_callbacks(self) -> list[Callback]:
-        """The best checkpoint by ``monitor``, ``last.ckpt`` at every validation, and SLURM requeue on SIGUSR1."""
+        """The best checkpoint by ``monitor``, ``last.ckpt`` at every validation (or every
+        ``checkpoint_every_n_steps``), SLURM requeue on SIGUSR1, logs that continue on resume and, under a global
+        seed, the per-step reseeding that makes a resumed run draw what an uninterrupted one draws."""
         best = ModelCheckpoint(
             monitor=self.monitor,
             mode=self.monitor_mode,
@@ -218,8 +224,17 @@ class BaseTask(LightningModule):
             auto_insert_metric_name=False,
         )
         # Lightning's save_last refreshes last.ckpt only when a best checkpoint is saved: a second callback does it
-        last = ModelCheckpoint(filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
-        return [best, last, SLURMRequeue()]
+        last = ModelCheckpoint(
+            filename="last",
+            monitor=None,
+            save_top_k=1,
+            enable_version_counter=False,
+            every_n_train_steps=self.hparams.checkpoint_every_n_steps,
+        )
+        callbacks = [best, last, SLURMRequeue(), ResumeData(), ResumableLogs()]
+        if "PL_GLOBAL_SEED" in os.environ:
+            callbacks.append(StepSeed(int(os.environ["PL_GLOBAL_SEED"])))
+        return callbacks
 
     # -- optimisation ---------------------------------------------------------------------------------------------
     def global_batch_size(self) -> int:
