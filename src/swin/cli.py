@@ -83,11 +83,15 @@ class SwinCLI(LightningCLI):
             trainer.default_root_dir = root
             version = self._resume_version or run_version(root)
             os.environ[VERSION_ENV] = version  # DDP ranks started later inherit it
+            where = dict(save_dir=root, name="", version=version)
             trainer.logger = [
-                Namespace(class_path=class_path, init_args=Namespace(save_dir=root, name="", version=version))
-                for class_path in ("swin.loggers.ResumableCSVLogger", "swin.loggers.ResumableTensorBoardLogger")
+                Namespace(class_path="swin.loggers.ResumableCSVLogger", init_args=Namespace(**where)),
+                # no placeholder hp_metric: each (re)start would log it at step 0 again
+                Namespace(
+                    class_path="swin.loggers.ResumableTensorBoardLogger",
+                    init_args=Namespace(**where, default_hp_metric=False),
+                ),
             ]
-
 
     def _resolve_last(self) -> None:
         """``fit --ckpt_path last``: the newest whole checkpoint under the run root, and its version folder."""
