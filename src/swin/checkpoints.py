@@ -8,6 +8,7 @@ broken one on the way reported by name and set aside.
 
 from __future__ import annotations
 
+import io
 import os
 import zipfile
 from pathlib import Path
@@ -33,7 +34,9 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        atomic_write(path, lambda f: torch.save(checkpoint, f))
+        buffer = io.BytesIO()  # serialised first, as Lightning does: a failing write then raises the OSError itself
+        torch.save(checkpoint, buffer)
+        atomic_write(path, buffer.getbuffer())
 
 
 def checkpoint_error(path: str | os.PathLike) -> str | None:

@@ -12,7 +12,7 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
-def atomic_write(path: str | os.PathLike, data: bytes | str | Callable[[IO[bytes]], None]) -> None:
+def atomic_write(path: str | os.PathLike, data: bytes | memoryview | str | Callable[[IO[bytes]], None]) -> None:
     """Write ``data`` (bytes, text, or a function that writes into a binary file) to ``path``.
 
     Through a temporary file in the same folder, flushed to disk, then renamed over ``path`` (a rename within one
