@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from swin.data.samplers import EpochSampler, derived_seed
+from swin.loggers import Resumable
 
 
 def next_hpc_checkpoint(folder: str | os.PathLike) -> Path:
@@ -208,13 +209,20 @@ class ResumeData(Callback):
 class ResumableLogs(Callback):
     """The logs of a resumed run continue without a duplicated or a missing step.
 
-    Every checkpoint flushes the loggers first, so nothing logged before it is lost with the process; when training
-    resumes from a checkpoint, the loggers that can (:mod:`swin.loggers`) forget what they hold from the first
-    step the resumed run logs on.
+    Lightning hands a step's metrics to the loggers only after every ``on_train_batch_end``, and so after the
+    checkpoint a ``ModelCheckpoint`` writes there: a kill in between (under DDP, the ranks meet after the save) would
+    lose that step's row for good, as the resumed run starts at the next step. With the project's loggers
+    (:class:`swin.loggers.Resumable`, which drop the repeat), the step is logged here, before checkpoint callbacks
+    run. Every checkpoint flushes the loggers, so nothing logged before it is lost with the process; when training
+    resumes, the loggers forget what they hold from the first step the resumed run logs on.
     """
 
     def __init__(self) -> None:
         self._resumed = False
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
+        if trainer.loggers and all(isinstance(logger, Resumable) for logger in trainer.loggers):
+            trainer._logger_connector.update_train_step_metrics()
 
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         for logger in trainer.loggers:
@@ -229,5 +237,5 @@ class ResumableLogs(Callback):
         if self._resumed:
             self._resumed = False
             for logger in trainer.loggers:
-                if hasattr(logger, "resume"):
+                if isinstance(logger, Resumable):
                     logger.resume()

@@ -49,16 +49,21 @@ class _AppendingWriter(ExperimentWriter):
         atomic_write(self.metrics_file_path, text.getvalue())
 
 
-class _Resumable:
+class Resumable:
     """After :meth:`resume`, the first ``log_metrics`` call forgets what was logged at its step and after: the
-    steps after the checkpoint, which the resumed run logs again."""
+    steps after the checkpoint, which the resumed run logs again. A call repeating the previous one (the same
+    step and metrics: :class:`swin.callbacks.ResumableLogs` logs a step early) is dropped."""
 
     _purge_pending = False
+    _previous: tuple[int | None, dict[str, float]] | None = None
 
     def resume(self) -> None:
         self._purge_pending = True
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if (step, metrics) == self._previous:
+            return
+        self._previous = (step, dict(metrics))
         if self._purge_pending and step is not None:
             self._purge_pending = False
             self.purge_from(step)
@@ -68,7 +73,7 @@ class _Resumable:
         raise NotImplementedError
 
 
-class ResumableCSVLogger(_Resumable, CSVLogger):
+class ResumableCSVLogger(Resumable, CSVLogger):
     """``CSVLogger`` whose ``metrics.csv`` survives a SLURM requeue or a resume into the same version folder."""
 
     @rank_zero_only
@@ -84,7 +89,7 @@ class ResumableCSVLogger(_Resumable, CSVLogger):
         return self._experiment
 
 
-class ResumableTensorBoardLogger(_Resumable, TensorBoardLogger):
+class ResumableTensorBoardLogger(Resumable, TensorBoardLogger):
     """``TensorBoardLogger`` that, on resume, has TensorBoard discard the events from the first resumed step on
     (a ``SessionLog.START`` event, which its readers apply, as ``SummaryWriter(purge_step=...)`` writes)."""
 
