@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from swin.bench.backbone import architecture
-from swin.bench.common import load_average, machine, machine_line, section, time_alternating
+from swin.bench.common import CLOCKS, load_average, machine, machine_line, section, time_alternating
 from swin.models.swin import MASK_VALUE, WindowAttention, WindowBlock, window_geometry, window_partition, window_reverse
 
 METHODS = ("ours", "padding", "sliding")
@@ -191,14 +191,16 @@ def steps_for(shape: dict, window: int, batch: int) -> tuple[dict[str, Callable[
     return {name: timed(call) for name, call in calls.items()}, outputs
 
 
-def run_size(arch: dict, height: int, width: int, batch: int, repeats: int, min_time: float) -> list[dict]:
+def run_size(
+    arch: dict, height: int, width: int, batch: int, repeats: int, min_time: float, clock: str = "wall"
+) -> list[dict]:
     """Per stage: median ms of each method and the median per-repeat ratio of each to ours."""
     window = arch["window_size"]
     rows = []
     for shape in stage_shapes(arch, height, width):
         steps, outputs = steps_for(shape, window, batch)
         load = [load_average()]
-        times = time_alternating(steps, torch.device("cpu"), repeats, min_time)
+        times = time_alternating(steps, torch.device("cpu"), repeats, min_time, clock)
         load.append(load_average())
         pad_h, pad_w, _ = window_geometry(shape["height"], shape["width"], window, True)
         rows.append({
@@ -223,7 +225,8 @@ def markdown(report: dict) -> str:
     """The report as one Markdown table, with the command and the machine line."""
     lines = [
         f"`{report['command']}` — {report['variant']} stages, window {report['window']}, batch {report['batch']}, "
-        f"{report['threads']} threads, torch {report['torch']}, fp32 inference, wall clock, {report['repeats']} repeats",
+        f"{report['threads']} threads, torch {report['torch']}, fp32 inference, {report['clock']} clock, "
+        f"{report['repeats']} repeats",
         "",
         f"Machine: {machine_line(report['machine'])}",
         "",
@@ -259,6 +262,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds per timed sample")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--clock", choices=sorted(CLOCKS), default="wall",
+        help="wall time, or process CPU time (robust on a busy machine with --threads 1)",
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="folder for attention.json and .md")
     args = parser.parse_args(argv)
     if architecture(args.variant).get("v2"):
@@ -273,7 +280,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     arch = architecture(args.variant)
     report = {
         "variant": args.variant, "window": arch["window_size"], "batch": args.batch_size, "repeats": args.repeats,
-        "machine": machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "clock": args.clock, "machine": machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
         "command": "python -m swin.bench --attention " + " ".join(sys.argv[1:] if argv is None else argv),
         "rows": [], "errors": [],
     }  # fmt: skip
@@ -284,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     for height, width in args.sizes:
         run = lambda h=height, w=width: report["rows"].extend(  # noqa: E731
-            run_size(arch, h, w, args.batch_size, args.repeats, args.min_time)
+            run_size(arch, h, w, args.batch_size, args.repeats, args.min_time, args.clock)
         )
         section(report, f"{height}×{width}", run, save)
     (args.out / "attention.md").write_text(markdown(report))
