@@ -473,7 +473,8 @@ def plot(report: dict, path: Path) -> None:
     axes[1].set_ylabel("inference ns / pixel")
     axes[1].set_ylim(bottom=0)
     axes[1].set_title("time per pixel (flat = linear cost)")
-    axes[1].legend()
+    if report["sweep"]:  # --sizes none: no lines to name
+        axes[1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
