@@ -77,12 +77,15 @@ def test_sliding_window_attends_to_each_querys_neighbourhood(window):
     h, w = 6, 5
     lo, hi = window // 2, window - 1 - window // 2
     x = torch.randn(2, h, w, 8)
+
+    def neighbours(i: int, j: int) -> list[tuple[int, int]]:
+        rows, cols = range(max(0, i - lo), min(h, i + hi + 1)), range(max(0, j - lo), min(w, j + hi + 1))
+        return [(a, b) for a in rows for b in cols]
+
     with torch.no_grad():
         got = bench.sliding_attention(attn, x, bench.sliding_bias(attn, h, w))
         for n in range(2):
-            expected = _reference(attn, x[n : n + 1], lambda i, j: [
-                (a, b) for a in range(i - lo, i + hi + 1) for b in range(j - lo, j + hi + 1) if 0 <= a < h and 0 <= b < w
-            ])  # fmt: skip
+            expected = _reference(attn, x[n : n + 1], neighbours)
             assert (got[n : n + 1] - expected).abs().max() <= 1e-5
 
 

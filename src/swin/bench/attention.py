@@ -42,12 +42,12 @@ class CyclicShiftAttention(WindowBlock):
     """Ours: a shifted block's window machinery (pad, cyclic shift + partition as one gather, shift mask, back)
     around ``attn``, with nothing else of the block (no norms, residuals or MLP)."""
 
-    def __init__(self, attn: WindowAttention, piece_tokens: int = 0):
+    def __init__(self, attn: WindowAttention):
         super().__init__()
         self.attn = attn
         self.window_size = attn.window_size
         self.shifted = True
-        self.piece_tokens = piece_tokens
+        self.piece_tokens = 0  # the whole map at once, as the other two methods
 
     def windows_forward(
         self, tokens: Tensor, positions: slice, window: int, mask: Tensor | None, valid: Tensor | None

@@ -527,7 +527,9 @@ def _csv(value: str) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m swin.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", default="swin_t", help="swin_t, swin_s, swin_b, swin_l, swinv2_t, ..., swinv2_l, micro or micro_v2")
+    parser.add_argument(
+        "--variant", default="swin_t", help="swin_t, swin_s, swin_b, swin_l, swinv2_t, ..., swinv2_l, micro or micro_v2"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=224, help="side of the square input of the main cases")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
