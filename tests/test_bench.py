@@ -63,3 +63,29 @@ def test_bad_arguments():
         bench.architecture("swin_x")
     with pytest.raises(SystemExit):
         bench.parse_args(["--device", "tpu"])
+
+
+def test_v2_rows_compare_the_same_architecture(tmp_path):
+    """ours, timm and torchvision built by the bench for a V2 variant are one model: the peers' random weights,
+    loaded into ours, give their logits; and the V2 case runs for all three."""
+    from swin.models.weights import load_pretrained
+
+    arch = bench.architecture("micro_v2")
+    x = torch.randn(2, 3, 32, 32)
+    for peer in ("timm", "torchvision"):
+        torch.manual_seed(0)
+        ref = bench.BUILDERS[peer](arch, 32).eval()
+        with torch.no_grad():
+            for name, p in ref.named_parameters():  # post-norms start at zero: make every part count
+                p.normal_(0.0, 0.3) if "logit_scale" not in name else p.uniform_(0.5, 3.0)
+            for m in ref.modules():  # torchvision's V2 keeps the k third of qkv.bias at zero
+                if hasattr(m, "qkv") and getattr(m.qkv, "bias", None) is not None:
+                    m.qkv.bias[m.qkv.bias.numel() // 3 : 2 * m.qkv.bias.numel() // 3] = 0.0
+        ours = bench.BUILDERS["ours"](arch, 32).eval()
+        assert type(ours).__name__ == "SwinTransformerV2"
+        load_pretrained(ours, ref.state_dict(), strict=True)
+        with torch.no_grad():
+            assert (ours(x) - ref(x)).abs().max() <= 1e-5
+    args = ["--variant", "micro_v2", "--batch-size", "2", "--image-size", "32", "--quick", "--modes", "infer"]
+    report = bench.main([*args, "--precisions", "fp32", "--sizes", "none", "--no-memory", "--out", str(tmp_path)])
+    assert report["errors"] == [] and set(report["cases"][0]["ratio"]) == {"timm", "torchvision"}

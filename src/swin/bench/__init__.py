@@ -1,6 +1,7 @@
 """Benchmarks (``python -m swin.bench [MODE] ...``); each mode is one module of this package.
 
-- no mode: the backbone against timm's and torchvision's (:mod:`swin.bench.backbone`).
+- no mode: the backbone against timm's and torchvision's (:mod:`swin.bench.backbone`);
+- ``--attention``: the paper's Table 5, cyclic shift against padding and sliding windows (:mod:`swin.bench.attention`).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import importlib
 from collections.abc import Sequence
 
 # the flag that selects a mode -> the module whose ``main(argv)`` runs it
-MODES: dict[str, str] = {}
+MODES: dict[str, str] = {"--attention": "swin.bench.attention"}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

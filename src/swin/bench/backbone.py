@@ -47,11 +47,13 @@ from swin.bench.common import (
     sync,
     time_alternating,
 )
-from swin.models import VARIANTS, build_swin, count_flops
+from swin import models as project_models
+from swin.models import VARIANTS, VARIANTS_V2, count_flops
 
 # Extra architectures for quick runs and tests (not published variants).
 BENCH_VARIANTS: dict[str, dict] = {
     "micro": dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4, drop_path_rate=0.1),
+    "micro_v2": dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4, drop_path_rate=0.1, v2=True),
 }
 OURS = "ours"
 PEERS = ("timm", "torchvision")
@@ -66,21 +68,34 @@ TIMM_SDPA = "timm-sdpa"  # timm with its experimental fused attention switched o
 
 
 def architecture(variant: str) -> dict:
-    """embed_dim, depths, num_heads, window_size and drop_path_rate of a variant name."""
-    key = variant.lower()
-    arch = {**VARIANTS, **BENCH_VARIANTS}.get(key)
+    """embed_dim, depths, num_heads, window_size, drop_path_rate and ``v2`` (Swin V2 or V1) of a variant name."""
+    known = {**VARIANTS, **{name: {**arch, "v2": True} for name, arch in VARIANTS_V2.items()}, **BENCH_VARIANTS}
+    arch = known.get(variant.lower())
     if arch is None:
-        raise ValueError(f"unknown variant {variant!r}; choose one of {sorted({**VARIANTS, **BENCH_VARIANTS})}")
-    return {"window_size": 7, **arch}
+        raise ValueError(f"unknown variant {variant!r}; choose one of {sorted(known)}")
+    return {"window_size": 7, "v2": False, **arch}
+
+
+def _project_model(models, arch: dict, **kwargs) -> nn.Module:
+    """This project's V1 or V2 model of ``arch`` from a ``swin.models`` package (ours, or a baseline's copy)."""
+    arch = dict(arch)
+    model = models.SwinTransformerV2 if arch.pop("v2") else models.SwinTransformer
+    return model(**arch, num_classes=1000, **kwargs)
 
 
 def _build_ours(arch: dict, img_size: int, grad_checkpointing: bool = False) -> nn.Module:
-    return build_swin("custom", **arch, num_classes=1000, grad_checkpointing=grad_checkpointing)
+    return _project_model(project_models, arch, grad_checkpointing=grad_checkpointing)
 
 
 def _build_timm(arch: dict, img_size: int, fused_attn: bool = False) -> nn.Module:
-    swin = importlib.import_module("timm.models.swin_transformer")
-    model = swin.SwinTransformer(
+    """timm's SwinTransformer, or its SwinTransformerV2 (as ``swinv2_tiny_window8_256`` for swinv2_t at 256²)."""
+    if arch["v2"]:
+        swin = importlib.import_module("timm.models.swin_transformer_v2")
+        build = swin.SwinTransformerV2
+    else:
+        swin = importlib.import_module("timm.models.swin_transformer")
+        build = swin.SwinTransformer
+    model = build(
         img_size=img_size,
         patch_size=4,
         embed_dim=arch["embed_dim"],
@@ -98,7 +113,9 @@ def _build_timm(arch: dict, img_size: int, fused_attn: bool = False) -> nn.Modul
 
 
 def _build_torchvision(arch: dict, img_size: int) -> nn.Module:
+    """torchvision's SwinTransformer, with its V2 block and patch merging for V2 (as ``swin_v2_t`` for swinv2_t)."""
     swin = importlib.import_module("torchvision.models.swin_transformer")
+    v2 = dict(block=swin.SwinTransformerBlockV2, downsample_layer=swin.PatchMergingV2) if arch["v2"] else {}
     return swin.SwinTransformer(
         patch_size=[4, 4],
         embed_dim=arch["embed_dim"],
@@ -107,6 +124,7 @@ def _build_torchvision(arch: dict, img_size: int) -> nn.Module:
         window_size=[arch["window_size"]] * 2,
         stochastic_depth_prob=arch["drop_path_rate"],
         num_classes=1000,
+        **v2,
     )
 
 
@@ -168,7 +186,7 @@ def load_baseline(path: str | os.PathLike) -> None:
     models = importlib.import_module("swin_baseline.models")
     global _baseline_source
     _baseline_source = str(path)
-    BUILDERS[BASELINE] = lambda arch, img_size: models.build_swin("custom", **arch, num_classes=1000)
+    BUILDERS[BASELINE] = lambda arch, img_size: _project_model(models, arch)
 
 
 def available_models(peers: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -256,7 +274,7 @@ def run_case(
         },
     }
     with torch.device("meta"):
-        macs = count_flops(build_swin("custom", **arch, num_classes=1000), size)
+        macs = count_flops(_project_model(project_models, arch), size)
     flops = 2 * macs * (3 if mode == "train" else 1)  # a training step: forward + twice its cost backward
     result["models"][OURS]["gflop_s"] = flops * result["models"][OURS]["img_s"] / 1e9
     return result
@@ -455,7 +473,8 @@ def plot(report: dict, path: Path) -> None:
     axes[1].set_ylabel("inference ns / pixel")
     axes[1].set_ylim(bottom=0)
     axes[1].set_title("time per pixel (flat = linear cost)")
-    axes[1].legend()
+    if report["sweep"]:  # --sizes none: no lines to name
+        axes[1].legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -508,7 +527,9 @@ def _csv(value: str) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m swin.bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variant", default="swin_t", help="swin_t, swin_s, swin_b, swin_l or micro")
+    parser.add_argument(
+        "--variant", default="swin_t", help="swin_t, swin_s, swin_b, swin_l, swinv2_t, ..., swinv2_l, micro or micro_v2"
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--image-size", type=int, default=224, help="side of the square input of the main cases")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
