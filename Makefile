@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 TASK ?= classification
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup test test-fast test-faults demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,12 +14,17 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
+# everything but the fault tests (`make test-faults`)
 test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not faults" $(PYTEST_ARGS)
+
+# runs SIGKILLed at random moments and resumed, a full and a read-only disk, a DDP rank killed (about 6 minutes)
+test-faults: setup
+	$(PY) -m pytest -m faults $(PYTEST_ARGS)
 
 # the edit loop: everything but the tests marked slow (multi-process DDP, SLURM, end-to-end runs)
 test-fast: setup
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not faults" $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) -m swin.demo $(TASK)

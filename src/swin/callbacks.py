@@ -23,6 +23,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from swin.checkpoints import last_batch_of_epoch
 from swin.data.samplers import EpochSampler, derived_seed
 from swin.loggers import Resumable
 
@@ -41,7 +42,8 @@ class SLURMRequeue(Callback):
     with a wrong epoch and step count. Here the signal only sets a flag; at the end of the next training batch all
     ranks agree on it, save ``hpc_ckpt_N.ckpt`` in ``default_root_dir`` (where Lightning resumes from when the
     requeued job starts), rank 0 runs ``scontrol requeue``, and every rank stops there, so the requeued job goes on
-    from exactly that step. Does nothing outside SLURM.
+    from exactly that step. A signal that comes at an epoch's last batch is acted on after the epoch's validation,
+    at the next batch (see :class:`swin.checkpoints.LastCheckpoint`). Does nothing outside SLURM.
     """
 
     def __init__(self) -> None:
@@ -62,8 +64,12 @@ class SLURMRequeue(Callback):
     def _on_signal(self, signum: int, frame: Any) -> None:
         self._signalled = True
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, *args: Any) -> None:
-        if self._signum is None or not trainer.strategy.reduce_boolean_decision(self._signalled, all=False):
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._signum is None or last_batch_of_epoch(trainer, batch_idx):
+            return
+        if not trainer.strategy.reduce_boolean_decision(self._signalled, all=False):
             return
         path = trainer.strategy.broadcast(str(next_hpc_checkpoint(trainer.default_root_dir)))
         trainer.save_checkpoint(path)

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -37,6 +39,37 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         buffer = io.BytesIO()  # serialised first, as Lightning does: a failing write then raises the OSError itself
         torch.save(checkpoint, buffer)
         atomic_write(path, buffer.getbuffer())
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` after every validation (at every epoch end without one) and, with ``every_n_train_steps``, also
+    every that many training steps in between.
+
+    No step checkpoint is taken on an epoch's last batch, where the epoch-end one follows: Lightning resumes a
+    checkpoint taken between an epoch's last batch and its validation as the start of a new epoch, so that the
+    validation never runs, and the checkpoints of the resumed run count one epoch too few.
+    """
+
+    def __init__(self, every_n_train_steps: int | None = None) -> None:
+        super().__init__(
+            filename="last",
+            monitor=None,
+            save_top_k=1,
+            enable_version_counter=False,
+            every_n_train_steps=every_n_train_steps,
+        )
+        self._every_n_epochs = 1  # besides the steps: ModelCheckpoint's arguments take one trigger only
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not last_batch_of_epoch(trainer, batch_idx):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+
+def last_batch_of_epoch(trainer: Trainer, batch_idx: int) -> bool:
+    """Whether the training batch ``batch_idx`` ends its epoch (at its end, before the epoch's validation)."""
+    return trainer.fit_loop.epoch_loop.batch_progress.is_last_batch or batch_idx + 1 >= trainer.num_training_batches
 
 
 def checkpoint_error(path: str | os.PathLike) -> str | None:

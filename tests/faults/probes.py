@@ -14,13 +14,19 @@ from swin.files import atomic_write
 
 
 class KillAt(Callback):
-    """SIGKILL this process at the start of the training batch of global step ``step``."""
+    """SIGKILL this process at the start of the training batch of global step ``step`` (with ``validation``: at the
+    start of the validation after ``step`` steps)."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, validation: bool = False) -> None:
         self.step = step
+        self.validation = validation
 
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-        if trainer.global_step == self.step:
+        if trainer.global_step == self.step and not self.validation:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.global_step == self.step and self.validation and not trainer.sanity_checking:
             os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -44,7 +44,7 @@ def train_steps(metrics: Path) -> list[int]:
     return [int(r["step"]) for r in csv.DictReader(metrics.open()) if r.get("train/loss")]
 
 
-def test_twenty_random_sigkills_lose_nothing_but_the_steps_since_the_last_checkpoint(faults, tmp_path):
+def test_twenty_random_sigkills_lose_at_most_the_step_in_flight(faults, tmp_path):
     seed = int(os.environ.get("SWIN_FAULT_SEED", time.time_ns() % 2**31))
     rng = random.Random(seed)
     print(f"SWIN_FAULT_SEED={seed}")
@@ -81,12 +81,13 @@ def test_twenty_random_sigkills_lose_nothing_but_the_steps_since_the_last_checkp
     assert train_steps(root / "version_0" / "metrics.csv") == list(range(total))  # each step once, none missing
     assert not (root / "version_1").exists()
 
-    # a kill loses at most the step in flight and the one whose checkpoint it interrupted (every=1)
-    lost = [k["last_started"] - r for k, r in zip(kills, resumes)]
-    assert all(0 <= n <= 1 for n in lost), lost
+    # a kill costs at most the step in flight, whether it was computing or writing its checkpoint (every=1): the
+    # resumed run starts again at most one step before the last one the killed run had started, and never after it
+    redone = [k["last_started"] + 1 - r for k, r in zip(kills, resumes)]
+    assert all(0 <= n <= 1 for n in redone), redone
     assert sum(k["in_write"] for k in kills) >= 1, "no kill landed inside a checkpoint write"
     summary = {"seed": seed, "kills": len(kills), "in_write": sum(k["in_write"] for k in kills),
-               "steps_lost_mean": sum(lost) / len(lost), "steps_lost_max": max(lost),
+               "steps_redone_mean": sum(redone) / len(redone), "steps_redone_max": max(redone),
                "to_resume_s_mean": sum(k["to_resume_s"] for k in kills) / len(kills)}  # fmt: skip
     print(json.dumps(summary))
 

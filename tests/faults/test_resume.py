@@ -38,18 +38,24 @@ def reference(faults, tmp_path_factory):
     return tmp, config
 
 
-# killed at the start of step 7: the newest checkpoint is last.ckpt of step 6, in the middle of epoch 1;
-# at step 9: best-epoch001-step8.ckpt, written after epoch 1's validation (last.ckpt of step 8 came before it)
-@pytest.mark.parametrize("kill_at, resumed_from", [(7, "last.ckpt"), (9, "best-epoch001-step8.ckpt")])
-def test_killed_and_resumed_run_equals_the_uninterrupted_one(faults, reference, tmp_path, kill_at, resumed_from):
+# last.ckpt every 2 steps and after every validation. Killed at the start of step 7: resumed from last.ckpt of
+# step 6, in the middle of epoch 1; at step 9, from last.ckpt written after epoch 1's validation; during epoch 1's
+# validation, from last.ckpt of step 6 (none is taken at an epoch's last batch, step 8): steps 6 and 7 run again
+@pytest.mark.parametrize("kill_at, validation", [(7, False), (9, False), (8, True)])
+def test_killed_and_resumed_run_equals_the_uninterrupted_one(faults, reference, tmp_path, kill_at, validation):
     ref, config = reference
     record = ["--trainer.callbacks+=probes.RecordBatches", f"--trainer.callbacks.output={tmp_path / 'batches'}"]
     killed = faults.fit(config, tmp_path / "runs", *record, "--trainer.callbacks+=probes.KillAt",
-                        f"--trainer.callbacks.step={kill_at}", check=False)  # fmt: skip
+                        f"--trainer.callbacks.step={kill_at}", f"--trainer.callbacks.validation={validation}",
+                        check=False)  # fmt: skip
     assert killed.returncode == -9, killed.stderr[-3000:]
+    saved = torch.load(tmp_path / "runs/version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["global_step"] == {7: 6, 9: 8, 8: 6}[kill_at]
     resumed = faults.fit(config, tmp_path / "runs", "--ckpt_path", "last", *record)
-    assert f"resuming from {tmp_path / 'runs' / 'version_0' / 'checkpoints' / resumed_from}" in resumed.stderr
+    assert f"resuming from {tmp_path / 'runs' / 'version_0' / 'checkpoints' / 'last.ckpt'}" in resumed.stderr
     assert not (tmp_path / "runs" / "version_1").exists()  # it logged on in the checkpoint's folder
+    names = [sorted(p.name for p in (r / "runs/version_0/checkpoints").iterdir()) for r in (ref, tmp_path)]
+    assert names[0] == names[1]  # the same best checkpoint, no temporary left
 
     a = torch.load(ref / "runs/version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     b = torch.load(tmp_path / "runs/version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=True)

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, r
 from torch import nn
 
 from swin.callbacks import ResumableLogs, ResumeData, SLURMRequeue, StepSeed
+from swin.checkpoints import LastCheckpoint
 from swin.models import SwinTransformer, build_swin, load_pretrained
 
 Schedule = Literal["cosine", "poly", "step", "constant"]
@@ -224,13 +225,7 @@ class BaseTask(LightningModule):
             auto_insert_metric_name=False,
         )
         # Lightning's save_last refreshes last.ckpt only when a best checkpoint is saved: a second callback does it
-        last = ModelCheckpoint(
-            filename="last",
-            monitor=None,
-            save_top_k=1,
-            enable_version_counter=False,
-            every_n_train_steps=self.hparams.checkpoint_every_n_steps,
-        )
+        last = LastCheckpoint(every_n_train_steps=self.hparams.checkpoint_every_n_steps)
         callbacks = [best, last, SLURMRequeue(), ResumeData(), ResumableLogs()]
         if "PL_GLOBAL_SEED" in os.environ:
             callbacks.append(StepSeed(int(os.environ["PL_GLOBAL_SEED"])))
