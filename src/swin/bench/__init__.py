@@ -1,7 +1,8 @@
 """Benchmarks (``python -m swin.bench [MODE] ...``); each mode is one module of this package.
 
 - no mode: the backbone against timm's and torchvision's (:mod:`swin.bench.backbone`);
-- ``--attention``: the paper's Table 5, cyclic shift against padding and sliding windows (:mod:`swin.bench.attention`).
+- ``--attention``: the paper's Table 5, cyclic shift against padding and sliding windows (:mod:`swin.bench.attention`);
+- ``--coco-eval``: the detection metric at COCO val scale against ``COCOeval`` (:mod:`swin.bench.coco_eval`).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import importlib
 from collections.abc import Sequence
 
 # the flag that selects a mode -> the module whose ``main(argv)`` runs it
-MODES: dict[str, str] = {"--attention": "swin.bench.attention"}
+MODES: dict[str, str] = {"--attention": "swin.bench.attention", "--coco-eval": "swin.bench.coco_eval"}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

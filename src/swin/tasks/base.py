@@ -126,8 +126,8 @@ class BaseTask(LightningModule):
         poly_power: exponent of the poly schedule.
         milestones: epochs at which the step schedule multiplies the learning rate by ``gamma``.
         gamma: factor of the step schedule.
-        checkpoint_every_n_steps: refresh ``last.ckpt`` every this many optimiser steps (None: at every validation),
-            which bounds what a killed run loses.
+        checkpoint_every_n_steps: refresh ``last.ckpt`` also every this many optimiser steps, not only after every
+            validation, which bounds what a killed run loses.
         **removed: arguments of older versions (``removed_hparams``), which their checkpoints still carry: ignored
             with a warning; anything else is an error.
     """
@@ -215,7 +215,7 @@ class BaseTask(LightningModule):
         return build_swin(self.hparams.backbone, **kwargs)
 
     def configure_callbacks(self) -> list[Callback]:
-        """The best checkpoint by ``monitor``, ``last.ckpt`` at every validation (or every
+        """The best checkpoint by ``monitor``, ``last.ckpt`` after every validation (and every
         ``checkpoint_every_n_steps``), SLURM requeue on SIGUSR1, logs that continue on resume and, under a global
         seed, the per-step reseeding that makes a resumed run draw what an uninterrupted one draws."""
         best = ModelCheckpoint(

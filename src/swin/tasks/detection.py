@@ -48,6 +48,18 @@ def map_backend() -> str:
     return "faster_coco_eval"
 
 
+def coco_map(masks: bool) -> MeanAveragePrecision:
+    """COCO box (and mask) AP with pycocotools' thresholds, masks RLE-encoded as they arrive; not synchronised by
+    torchmetrics (:func:`gather_map_states` gathers uneven splits)."""
+    return MeanAveragePrecision(
+        iou_type=("bbox", "segm") if masks else ("bbox",),
+        backend=map_backend(),
+        iou_thresholds=COCO_IOU_THRESHOLDS,
+        rec_thresholds=COCO_RECALL_THRESHOLDS,
+        sync_on_compute=False,
+    )
+
+
 def binary_masks(pred: dict[str, Tensor]) -> Tensor:
     """torchvision's (N, 1, H, W) mask probabilities → (N, H, W) bool."""
     return pred["masks"][:, 0] > MASK_THRESHOLD
@@ -185,14 +197,7 @@ class DetectionTask(BaseTask):
         return list(self.hparams.class_names or map(str, self.category_ids.tolist()))
 
     def configure_metrics(self) -> None:
-        iou_types = ("bbox", "segm") if self.hparams.masks else ("bbox",)
-        self.val_map = MeanAveragePrecision(
-            iou_type=iou_types,
-            backend=map_backend(),
-            iou_thresholds=COCO_IOU_THRESHOLDS,
-            rec_thresholds=COCO_RECALL_THRESHOLDS,
-            sync_on_compute=False,  # gather_map_states instead: it also gathers uneven splits
-        )
+        self.val_map = coco_map(self.hparams.masks)
         self.test_map = self.val_map.clone()
 
     # -- the category map -----------------------------------------------------------------------------------------
