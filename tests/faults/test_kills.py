@@ -65,7 +65,8 @@ def test_twenty_random_sigkills_lose_at_most_the_step_in_flight(faults, tmp_path
         proc.kill()
         assert proc.wait() == -9
         in_write = bool(stale_temporaries(root / "version_0" / "checkpoints"))
-        kills.append({"resumed_at": resumed_at, "to_resume_s": to_resume, "last_started": int(lines(record)[-1].split()[0]),
+        last_started = int(lines(record)[-1].split()[0])
+        kills.append({"resumed_at": resumed_at, "to_resume_s": to_resume, "last_started": last_started,
                       "in_write": in_write})  # fmt: skip
     seen = len(lines(record))
     proc = subprocess.run(command, env=faults.env(), stdout=subprocess.DEVNULL, stderr=log, timeout=600)
@@ -74,7 +75,8 @@ def test_twenty_random_sigkills_lose_at_most_the_step_in_flight(faults, tmp_path
 
     # the run completed its schedule, every checkpoint on disk is whole, nothing was set aside or left behind
     checkpoints = sorted((root / "version_0" / "checkpoints").glob("*.ckpt"))
-    assert checkpoints and all(checkpoint_error(p) is None for p in checkpoints), [checkpoint_error(p) for p in checkpoints]
+    errors = [checkpoint_error(p) for p in checkpoints]
+    assert checkpoints and errors == [None] * len(checkpoints), errors
     assert not list(root.rglob("*.corrupt")) and not stale_temporaries(root / "version_0" / "checkpoints")
     last = torch.load(root / "version_0/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
     assert last["global_step"] == total
@@ -97,7 +99,8 @@ def small_disk(tmp_path):
     """A 600 kB tmpfs (room for one checkpoint of the test run, not two): mounted, unmounted after the test."""
     folder = tmp_path / "disk"
     folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(folder)], capture_output=True, text=True)
+    mount = ["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(folder)]
+    mounted = subprocess.run(mount, capture_output=True, text=True)
     if mounted.returncode != 0:
         reason = f"a full or read-only disk is simulated with a tmpfs mount, which failed: {mounted.stderr.strip()}"
         if os.environ.get("CI"):

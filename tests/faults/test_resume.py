@@ -34,7 +34,8 @@ def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
 def reference(faults, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reference")
     config = faults.write_config(tmp)
-    faults.fit(config, tmp / "runs", "--trainer.callbacks+=probes.RecordBatches", f"--trainer.callbacks.output={tmp / 'batches'}")
+    record = ["--trainer.callbacks+=probes.RecordBatches", f"--trainer.callbacks.output={tmp / 'batches'}"]
+    faults.fit(config, tmp / "runs", *record)
     return tmp, config
 
 

@@ -48,7 +48,8 @@ def ellipse_mask(box: np.ndarray, height: int, width: int) -> np.ndarray:
     top, left = int(y0), int(x0)  # only the box's pixels are computed
     ys, xs = np.ogrid[top : min(int(np.ceil(y1)), height), left : min(int(np.ceil(x1)), width)]
     mask = np.zeros((height, width), bool)
-    mask[top : top + ys.shape[0], left : left + xs.shape[1]] = ((xs + 0.5 - cx) / rx) ** 2 + ((ys + 0.5 - cy) / ry) ** 2 <= 1
+    inside = ((xs + 0.5 - cx) / rx) ** 2 + ((ys + 0.5 - cy) / ry) ** 2 <= 1
+    mask[top : top + ys.shape[0], left : left + xs.shape[1]] = inside
     return mask
 
 
@@ -150,12 +151,12 @@ def run_direct(name: str, args: argparse.Namespace) -> tuple[float, dict[str, li
         gt_rles = mask.encode(np.asfortranarray(s["gt_masks"].transpose(1, 2, 0).astype(np.uint8)))
         dt_rles = mask.encode(np.asfortranarray(s["dt_masks"].transpose(1, 2, 0).astype(np.uint8)))
         images.append({"id": image_id, "height": s["height"], "width": s["width"]})
-        for box, label, area, rle in zip(s["gt_boxes"].tolist(), s["gt_labels"].tolist(), s["gt_area"].tolist(), gt_rles):
-            x0, y0, x1, y1 = box
+        gts = zip(s["gt_boxes"].tolist(), s["gt_labels"].tolist(), s["gt_area"].tolist(), gt_rles)
+        for (x0, y0, x1, y1), label, area, rle in gts:
             annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": label, "iscrowd": 0,
                                 "bbox": [x0, y0, x1 - x0, y1 - y0], "area": area, "segmentation": rle})  # fmt: skip
-        for box, label, score, rle in zip(s["dt_boxes"].tolist(), s["dt_labels"].tolist(), s["dt_scores"].tolist(), dt_rles):
-            x0, y0, x1, y1 = box
+        dts = zip(s["dt_boxes"].tolist(), s["dt_labels"].tolist(), s["dt_scores"].tolist(), dt_rles)
+        for (x0, y0, x1, y1), label, score, rle in dts:
             results.append({"image_id": image_id, "category_id": label, "score": score,
                             "bbox": [x0, y0, x1 - x0, y1 - y0], "segmentation": rle})  # fmt: skip
         seconds += time.perf_counter() - start
@@ -200,7 +201,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"COCO evaluation of {report['images']} images × {report['detections']} detections with masks "
         f"(bbox + segm), {report['gt_objects']} ground-truth objects; {machine_line(report['machine'])}",
         "",
-        "| evaluator | seconds | ours / it | peak RSS GiB (before feeding) | bbox AP | segm AP | same 24 numbers as ours |",
+        "| evaluator | seconds | ours / it | peak RSS GiB (before feeding) | bbox AP | segm AP "
+        "| same 24 numbers as ours |",
         "|---|---:|---:|---:|---:|---:|---|",
     ]
     for name, r in rows.items():
@@ -217,9 +219,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=5000, help="val images (COCO val 2017: 5000)")
     parser.add_argument("--detections", type=int, default=100, help="detections per image (COCO's maxDets: 100)")
     parser.add_argument("--objects", type=int, default=7, help="mean ground-truth objects per image (COCO: 7.3)")
-    parser.add_argument("--evaluators", type=lambda s: s.split(","), default=list(EVALUATORS), help=",".join(EVALUATORS))
+    parser.add_argument("--evaluators", type=lambda s: s.split(","), default=list(EVALUATORS), 
+                        help=",".join(EVALUATORS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path("runs/bench-coco-eval"), help="folder for coco_eval.json / .md")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-coco-eval"), help="for coco_eval.json and .md")
     parser.add_argument("--worker", choices=EVALUATORS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     unknown = set(args.evaluators) - set(EVALUATORS)
