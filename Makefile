@@ -18,7 +18,7 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest -m "not faults" $(PYTEST_ARGS)
 
-# runs SIGKILLed at random moments and resumed, a full and a read-only disk, a DDP rank killed (about 4 min on 2 cores)
+# runs SIGKILLed at random moments and resumed, a full and a read-only disk, a DDP rank killed (4-5 min on 2 cores)
 test-faults: setup
 	$(PY) -m pytest -m faults $(PYTEST_ARGS)
 
