@@ -148,8 +148,8 @@ def run_direct(name: str, args: argparse.Namespace) -> tuple[float, dict[str, li
     seconds = 0.0
     for image_id, s in enumerate(scenes(args)):
         start = time.perf_counter()
-        gt_rles = mask.encode(np.asfortranarray(s["gt_masks"].transpose(1, 2, 0).astype(np.uint8)))
-        dt_rles = mask.encode(np.asfortranarray(s["dt_masks"].transpose(1, 2, 0).astype(np.uint8)))
+        gt_rles, dt_rles = (mask.encode(np.asfortranarray(m.transpose(1, 2, 0).astype(np.uint8)))
+                            for m in (s["gt_masks"], s["dt_masks"]))  # (N, H, W) -> (H, W, N), one call each
         images.append({"id": image_id, "height": s["height"], "width": s["width"]})
         gts = zip(s["gt_boxes"].tolist(), s["gt_labels"].tolist(), s["gt_area"].tolist(), gt_rles)
         for (x0, y0, x1, y1), label, area, rle in gts:
