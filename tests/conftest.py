@@ -1,9 +1,13 @@
 import os
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("PYTHONHASHSEED", "0")
+# the kernels timed and chosen in this run (swin.models.ops) are cached in a file of the run's own, shared by the
+# processes the tests start
+os.environ.setdefault("SWIN_KERNEL_CACHE", os.path.join(tempfile.mkdtemp(prefix="swin-kernels-"), "kernels.json"))
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 """The CPU fast paths: the oneDNN custom ops pass torch.library's checks and equal F.linear, values and gradients."""
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -120,3 +121,86 @@ def test_run_in_pieces_equals_one_piece():
         index = order[start : start + 5]
         expected[:, index] = tokens[:, index] * 2 + start
     assert torch.equal(out, expected)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The kernel choice: timed once per shape, cached per machine, forced by SWIN_KERNELS
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def kernel_cache(tmp_path, monkeypatch):
+    """An empty cache file of the test's own, and a count of the oneDNN calls."""
+    path = tmp_path / "kernels.json"
+    monkeypatch.setenv("SWIN_KERNEL_CACHE", str(path))
+    monkeypatch.setenv("SWIN_KERNELS", "auto")
+    calls = []
+    original = ops._onednn_linear
+    monkeypatch.setattr(ops, "_onednn_linear", lambda *a: calls.append(a[0].shape) or original(*a))
+    return path, calls
+
+
+def _fake_timings(monkeypatch, aten_s: float, onednn_s: float) -> list:
+    timed = []
+    monkeypatch.setattr(ops, "_time_kernels", lambda *a: timed.append(a[0].shape) or (aten_s, onednn_s))
+    return timed
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("aten_s,onednn_s,chosen", [(1.0, 0.5, "onednn"), (1.0, 0.97, "aten"), (0.5, 1.0, "aten")])
+def test_the_faster_kernel_is_chosen_with_a_margin_and_remembered(kernel_cache, monkeypatch, aten_s, onednn_s,
+                                                                 chosen, grad):
+    path, calls = kernel_cache
+    timed = _fake_timings(monkeypatch, aten_s, onednn_s)
+    layer = ops.Linear(24, 40)
+    x = torch.randn(3, 7, 24, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        for _ in range(3):
+            out = layer(x, gelu=True)
+    torch.testing.assert_close(out, F.gelu(F.linear(x, layer.weight, layer.bias)), **TOL[torch.float32])
+    assert len(timed) == 1  # timed once for this shape, then taken from the cache
+    assert bool(calls) == (chosen == "onednn")
+    assert (layer._packed is not None and layer._packed[3] is not None) == (chosen == "onednn" and not grad)
+    (key, value), = json.loads(path.read_text())[ops._machine()].items()
+    assert value == (chosen == "onednn") and key.startswith("train" if grad else "infer+gelu") and "24->40" in key
+    # a new process (cache reloaded from the file) takes the same kernel without timing again
+    monkeypatch.setattr(ops, "_cache_loaded", None)
+    monkeypatch.setattr(ops, "_time_kernels", lambda *a: pytest.fail("timed again despite the cache file"))
+    assert ops.kernel_choices() == {key: chosen}
+
+
+@pytest.mark.parametrize("mode", ["aten", "onednn"])
+def test_swin_kernels_forces_a_path_without_timing(kernel_cache, monkeypatch, mode):
+    _, calls = kernel_cache
+    monkeypatch.setenv("SWIN_KERNELS", mode)
+    monkeypatch.setattr(ops, "_time_kernels", lambda *a: pytest.fail("timed although the path is forced"))
+    x = torch.randn(4, 24)
+    ops.linear(x, torch.randn(40, 24))
+    assert bool(calls) == (mode == "onednn")
+    monkeypatch.setenv("SWIN_KERNELS", "mkl")
+    with pytest.raises(ValueError, match="SWIN_KERNELS='mkl'"):
+        ops.linear(x, torch.randn(40, 24))
+
+
+def test_a_piece_takes_the_kernel_of_the_whole_map(kernel_cache, monkeypatch):
+    _fake_timings(monkeypatch, 1.0, 0.5)
+    weight = torch.randn(40, 24)
+    whole = ops._choice_key(torch.randn(512, 24), weight, None, False, False)
+    with ops._as_part(8, 1):
+        piece = ops._choice_key(torch.randn(64, 24), weight, None, False, False)
+    assert piece == whole and "rows~512" in whole and "nobias" in whole
+
+
+def test_timing_measures_both_kernels_on_the_inputs():
+    for grad in (False, True):
+        aten_s, onednn_s = ops._time_kernels(torch.randn(64, 24), torch.randn(40, 24), torch.randn(40), True, grad)
+        assert 0 < aten_s < 1 and 0 < onednn_s < 1
+
+
+def test_an_unreadable_cache_file_is_reported_and_replaced(kernel_cache, monkeypatch):
+    path, _ = kernel_cache
+    path.write_text("{not json")
+    _fake_timings(monkeypatch, 1.0, 0.5)
+    with pytest.warns(UserWarning, match="kernels.json is unreadable"):
+        ops.linear(torch.randn(4, 24), torch.randn(40, 24))
+    assert json.loads(path.read_text())[ops._machine()]

@@ -7,19 +7,36 @@ embedding and patch merging a band of rows at a time, so that intermediates stay
 stays flat as images grow.
 
 When they are active: oneDNN only for CPU tensors, outside tracing, ``torch.export`` and ONNX export (which see
-plain ``F.linear``); pieces and bands only for CPU inference (eval mode, no autograd, not compiling). Elsewhere
-(CUDA, training, ``torch.compile``) every function here is the plain PyTorch computation.
+plain ``F.linear``), and only where it is faster on this machine: the first time a linear layer of a given shape runs
+(inference or training, dtype, rows rounded to a power of two, thread count), both kernels are timed on its own
+inputs and oneDNN is kept only if it is at least 5 % faster than ATen's. The choices are cached for the process and in
+``~/.cache/swin/kernels.json`` per CPU model and torch version, so that later runs (a resumed one too) take the same
+kernels. ``SWIN_KERNELS=aten|onednn`` forces one path (default ``auto``); ``SWIN_KERNEL_CACHE=PATH`` moves the cache
+file, ``SWIN_KERNEL_CACHE=`` keeps it in memory only. Pieces and bands only for CPU inference (eval mode, no
+autograd, not compiling). Elsewhere (CUDA, ``torch.compile``) every function here is the plain PyTorch computation
+(under ``torch.compile`` a linear takes the cached choice, else oneDNN).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import json
+import math
+import os
+import platform
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Linear", "linear", "gather_tokens", "in_pieces", "in_bands", "run_in_pieces", "exporting"]
+__all__ = [
+    "Linear", "linear", "gather_tokens", "in_pieces", "in_bands", "run_in_pieces", "exporting", "kernel_mode",
+    "kernel_choices",
+]
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16)
@@ -33,6 +50,167 @@ def exporting() -> bool:
 def _use_onednn(x: Tensor) -> bool:
     """CPU tensors, outside tracing and export."""
     return _ONEDNN and x.device.type == "cpu" and not exporting()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Which kernel a linear layer takes on this machine: timed once per shape, cached
+# ---------------------------------------------------------------------------------------------------------------
+
+KERNEL_MODES = ("auto", "onednn", "aten")
+_MARGIN = 0.95  # oneDNN must take at most 95 % of ATen's time to be chosen
+_choices: dict[str, bool] = {}  # choice key -> use oneDNN (this process, merged with the cache file's)
+_cache_loaded: str | None = None  # the cache file (and machine) _choices was filled from
+_part_of: tuple[int, int] | None = None  # (whole, part): the call is part of a larger one (piecewise execution)
+
+
+def kernel_mode() -> str:
+    """``SWIN_KERNELS``: ``auto`` (timed choice, the default), ``onednn`` or ``aten``."""
+    mode = os.environ.get("SWIN_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"SWIN_KERNELS={mode!r}: expected one of {', '.join(KERNEL_MODES)}")
+    return mode
+
+
+def _machine() -> str:
+    """The CPU model, torch's kernel level and version: choices made on one machine are not reused on another."""
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.partition(":")[2].strip()
+                break
+    return f"{name} | {torch.backends.cpu.get_cpu_capability()} | torch {torch.__version__}"
+
+
+def _cache_file() -> Path | None:
+    path = os.environ.get("SWIN_KERNEL_CACHE")
+    if path is None:
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "swin" / "kernels.json"
+    return Path(path) if path else None
+
+
+def _read_cache(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as err:
+        warnings.warn(f"kernel cache {path} is unreadable ({err}); timing the kernels again", stacklevel=3)
+        return {}
+
+
+def kernel_choices() -> dict[str, str]:
+    """The kernels chosen so far on this machine, ``{choice key: "onednn" | "aten"}``."""
+    _load_cache()
+    return {key: "onednn" if fast else "aten" for key, fast in sorted(_choices.items())}
+
+
+def _load_cache() -> None:
+    global _cache_loaded
+    path = _cache_file()
+    where = f"{path}|{_machine()}"
+    if _cache_loaded != where:
+        _choices.clear()
+        if path is not None:
+            _choices.update(_read_cache(path).get(_machine(), {}))
+        _cache_loaded = where
+
+
+def _remember(key: str, fast: bool) -> None:
+    _choices[key] = fast
+    path = _cache_file()
+    if path is None:
+        return
+    from swin.files import atomic_write
+
+    data = _read_cache(path)
+    data.setdefault(_machine(), {})[key] = fast
+    try:
+        atomic_write(path, json.dumps(data, indent=1, sort_keys=True))
+    except OSError as err:
+        warnings.warn(f"kernel choices are kept for this process only: {err}", stacklevel=3)
+
+
+@contextlib.contextmanager
+def _as_part(whole: int, part: int) -> Iterator[None]:
+    """Linear layers called inside see their rows as ``whole / part`` times more: a piece of a larger map takes the
+    kernel the whole map takes (so piecewise inference stays bitwise equal to the whole-map path)."""
+    global _part_of
+    outer, _part_of = _part_of, (whole, part)
+    try:
+        yield
+    finally:
+        _part_of = outer
+
+
+def _choice_key(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool, grad: bool) -> str:
+    rows = x.numel() // max(x.shape[-1], 1)
+    if _part_of is not None:
+        rows = rows * _part_of[0] // max(_part_of[1], 1)
+    bucket = 1 << max(0, round(math.log2(max(rows, 1))))
+    kind = "train" if grad else ("infer+gelu" if gelu else "infer")
+    return (f"{kind} {str(x.dtype).removeprefix('torch.')} rows~{bucket} {weight.shape[1]}->{weight.shape[0]}"
+            f"{'' if bias is not None else ' nobias'} threads={torch.get_num_threads()}")
+
+
+def _best_seconds(fn: Callable[[], object]) -> float:
+    """The least time of 3 samples of ``fn`` (each sample repeated to take about 2 ms)."""
+    fn()
+    start = time.perf_counter()
+    fn()
+    n = max(1, min(50, math.ceil(2e-3 / max(time.perf_counter() - start, 1e-7))))
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(n):
+            fn()
+        best = min(best, (time.perf_counter() - start) / n)
+    return best
+
+
+def _time_kernels(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool, grad: bool) -> tuple[float, float]:
+    """Seconds per call of ATen's and oneDNN's kernel on these inputs (forward and backward when ``grad``)."""
+    x, weight = x.detach().reshape(-1, x.shape[-1]), weight.detach()
+    bias = bias.detach() if bias is not None else None
+
+    def aten() -> Tensor:
+        y = F.linear(x, weight, bias)
+        return F.gelu(y) if gelu else y
+
+    def onednn() -> Tensor:
+        return _onednn_linear(x, weight, bias, gelu)
+
+    candidates = {"aten": aten, "onednn": onednn}
+    if grad:
+        x, weight = x.clone().requires_grad_(), weight.clone().requires_grad_()
+        upstream = torch.randn(x.shape[0], weight.shape[0], dtype=x.dtype)
+        candidates = {
+            "aten": lambda: torch.autograd.grad(F.linear(x, weight, bias), (x, weight), upstream),
+            "onednn": lambda: torch.autograd.grad(_onednn_linear(x, weight, bias, False), (x, weight), upstream),
+        }
+    with torch.autocast("cpu", enabled=False), torch.set_grad_enabled(grad):
+        times = {name: [] for name in candidates}
+        for order in (("aten", "onednn"), ("onednn", "aten")):  # alternate: neither profits from a warm cache
+            for name in order:
+                times[name].append(_best_seconds(candidates[name]))
+    return min(times["aten"]), min(times["onednn"])
+
+
+def _onednn_is_faster(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool, grad: bool) -> bool:
+    """Whether this call takes oneDNN: forced by ``SWIN_KERNELS``, else the timed choice for its shape."""
+    mode = kernel_mode()
+    if mode != "auto":
+        return mode == "onednn"
+    _load_cache()
+    key = _choice_key(x, weight, bias, gelu, grad)
+    fast = _choices.get(key)
+    if fast is None:
+        if torch.compiler.is_compiling():  # no timing while tracing: oneDNN as before the choice existed
+            return True
+        aten_s, onednn_s = _time_kernels(x, weight, bias, gelu, grad)
+        fast = onednn_s < _MARGIN * aten_s
+        _remember(key, fast)
+    return fast
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -93,19 +271,24 @@ def _onednn_linear_backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | 
 _onednn_linear.register_autograd(_onednn_linear_backward, setup_context=_onednn_linear_setup)
 
 
+def _onednn_fits(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    return x.dtype in _ONEDNN_DTYPES and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, gelu: bool = False) -> Tensor:
     """``F.linear``, then exact GELU when ``gelu``; with CPU autocast semantics.
 
-    On CPU in fp32 / bf16 it runs through oneDNN, about twice as fast as the default BLAS in fp32 on AVX-512 machines
-    (and a little faster than ATen's bf16 ``addmm``); without autograd the GELU is fused into the matmul.
+    On CPU in fp32 / bf16 it runs through oneDNN where that is faster for this shape on this machine (up to twice
+    as fast as the default BLAS on some AVX-512 machines, slower on others: see the module's docstring); without
+    autograd the GELU is then fused into the matmul.
     """
     if _use_onednn(x):
         if torch.is_autocast_enabled("cpu"):
             dtype = torch.get_autocast_dtype("cpu")
             x, weight = x.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-        if x.dtype in _ONEDNN_DTYPES and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
-            grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+        if _onednn_fits(x, weight, bias) and _onednn_is_faster(x, weight, bias, gelu, grad):
             if not (gelu and grad):
                 return _onednn_linear(x, weight, bias, gelu)
             return F.gelu(_onednn_linear(x, weight, bias, False))
@@ -116,8 +299,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, gelu: bool = F
 class Linear(nn.Linear):
     """``nn.Linear`` whose forward is :func:`linear` (same parameters, state dict and numerics).
 
-    While autograd is off on CPU it keeps its weights cast and packed in oneDNN's layout (one copy, rebuilt when a
-    parameter changes, dropped by ``train()``), saving the per-call cast and reorder.
+    While autograd is off on CPU it keeps its weights cast (and packed in oneDNN's layout where oneDNN is chosen; one
+    copy, rebuilt when a parameter changes, dropped by ``train()``), saving the per-call cast and reorder.
     """
 
     def __init__(self, *args, **kwargs):
@@ -128,22 +311,32 @@ class Linear(nn.Linear):
         self._packed = None
         return super().train(mode)
 
-    def _inference_weights(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+    def _packed_weights(self, x: Tensor, gelu: bool) -> tuple[Tensor, Tensor | None] | None:
+        """The cast and packed weight and bias where this call takes oneDNN without autograd, else None."""
         weight, bias = self.weight, self.bias
         if not _use_onednn(x) or torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return weight, bias
+            return None
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         if dtype not in _ONEDNN_DTYPES or weight.dtype not in _ONEDNN_DTYPES:
-            return weight, bias
+            return None
         key = (weight.data_ptr(), weight._version, -1 if bias is None else bias._version, dtype)
         if self._packed is None or self._packed[0] != key:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.to(dtype), x.numel() // x.shape[-1])
-            self._packed = (key, packed, None if bias is None else bias.to(dtype))
-        return self._packed[1], self._packed[2]
+            cast_bias = None if bias is None else bias.to(dtype)
+            self._packed = (key, weight.to(dtype), cast_bias, None)
+        _, cast_weight, cast_bias, packed = self._packed
+        if not _onednn_is_faster(x.to(dtype), cast_weight, cast_bias, gelu, False):
+            return None
+        if packed is None:
+            packed = torch.ops.mkldnn._reorder_linear_weight(cast_weight, x.numel() // x.shape[-1])
+            self._packed = (key, cast_weight, cast_bias, packed)
+        return packed, cast_bias
 
     def forward(self, x: Tensor, gelu: bool = False) -> Tensor:
         """:func:`linear` of ``x``, then exact GELU when ``gelu``."""
-        return linear(x, *self._inference_weights(x), gelu=gelu)
+        packed = self._packed_weights(x, gelu)
+        if packed is None:
+            return linear(x, self.weight, self.bias, gelu=gelu)
+        return _onednn_linear(x.to(packed[0].dtype), *packed, gelu)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -185,7 +378,11 @@ def in_bands(fn: Callable[[Tensor], Tensor], x: Tensor, dim: int, band: int, sca
     """``fn(x)`` for a per-token ``fn`` that maps ``scale`` rows of ``x`` (along ``dim``) to one output row of
     its dim 1, computed ``band`` output rows at a time and concatenated."""
     rows = x.shape[dim] // scale
-    return torch.cat([fn(x.narrow(dim, r * scale, min(band, rows - r) * scale)) for r in range(0, rows, band)], 1)
+    parts = []
+    for r in range(0, rows, band):
+        with _as_part(rows, min(band, rows - r)):
+            parts.append(fn(x.narrow(dim, r * scale, min(band, rows - r) * scale)))
+    return torch.cat(parts, 1)
 
 
 def run_in_pieces(fn: Callable[[Tensor, slice], Tensor], tokens: Tensor, order: Tensor, piece: int) -> Tensor:
@@ -199,7 +396,8 @@ def run_in_pieces(fn: Callable[[Tensor, slice], Tensor], tokens: Tensor, order: 
     out = None
     for start in range(0, order.numel(), piece):
         index = order[start : start + piece]
-        part = fn(tokens.index_select(1, index), slice(start, start + index.numel()))
+        with _as_part(order.numel(), index.numel()):
+            part = fn(tokens.index_select(1, index), slice(start, start + index.numel()))
         if out is None:
             out = tokens.new_empty(tokens.shape, dtype=part.dtype)
         out.index_copy_(1, index, part)
