@@ -40,6 +40,11 @@ class SwinDataModule(LightningDataModule):
             (atomically, on first use); an existing root is used as it is.
         synthetic_kwargs: arguments of that writer (``num_train``, ``num_val``, ``image_size``, ``seed``; see
             :mod:`swin.data.shapes`).
+        persistent_workers: keep the loader worker processes alive between epochs (no new processes, no copy of
+            the dataset each epoch); used only with ``num_workers`` > 0.
+        pin_memory: page-locked batches for faster, asynchronous host-to-GPU copies; None: on when CUDA is there.
+        prefetch_factor: batches each worker loads ahead (PyTorch's default 2; more smooths slow images at the
+            cost of shared memory); used only with ``num_workers`` > 0.
     """
 
     drop_last: bool = True
@@ -55,8 +60,13 @@ class SwinDataModule(LightningDataModule):
         predict_root: str | None = None,
         synthetic: bool = False,
         synthetic_kwargs: dict[str, Any] | None = None,
+        persistent_workers: bool = True,
+        pin_memory: bool | None = None,
+        prefetch_factor: int = 2,
     ) -> None:
         super().__init__()
+        if prefetch_factor < 1:
+            raise ValueError(f"{type(self).__name__}: prefetch_factor must be at least 1, got {prefetch_factor}")
         self.root = Path(root)
         self.batch_size = batch_size
         self.eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
@@ -64,6 +74,8 @@ class SwinDataModule(LightningDataModule):
         self.predict_root = Path(predict_root) if predict_root else None
         self.synthetic = synthetic
         self.synthetic_kwargs = dict(synthetic_kwargs or {})
+        self.loader_kwargs = dict(persistent_workers=persistent_workers, pin_memory=pin_memory,
+                                  prefetch_factor=prefetch_factor)  # fmt: skip
         self.datasets: dict[str, Dataset] = {}
 
     # -- data on disk ---------------------------------------------------------------------------------------------
@@ -104,6 +116,16 @@ class SwinDataModule(LightningDataModule):
             )
         return UnrepeatedDistributedSampler(dataset, num_replicas=ranks["num_replicas"], rank=ranks["rank"], shuffle=False)
 
+    def dataloader_settings(self) -> dict[str, Any]:
+        """The DataLoader arguments set from ``persistent_workers``, ``pin_memory`` and ``prefetch_factor``."""
+        workers = self.num_workers > 0
+        pin = self.loader_kwargs["pin_memory"]
+        return {
+            "persistent_workers": workers and self.loader_kwargs["persistent_workers"],
+            "pin_memory": torch.cuda.is_available() if pin is None else pin,
+            "prefetch_factor": self.loader_kwargs["prefetch_factor"] if workers else None,
+        }
+
     def _loader(self, split: str, train: bool = False) -> DataLoader:
         dataset = self.datasets[split]
         if train:
@@ -126,8 +148,7 @@ class SwinDataModule(LightningDataModule):
             num_workers=self.num_workers,
             collate_fn=self.collate_fn(train),
             worker_init_fn=seed_worker_transforms,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
+            **self.dataloader_settings(),
         )
 
     def _check_enough_for_a_batch(self, size: int) -> None:

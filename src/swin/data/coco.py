@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import albumentations as A
+import cv2
 import numpy as np
 import torch
 from albumentations.augmentations.crops import functional as fcrops
@@ -40,7 +41,7 @@ from torchvision.ops import box_convert
 from swin.data import shapes
 from swin.data.base import SwinDataModule
 from swin.data.io import collate_lists, read_image
-from swin.data.transforms import random_flips
+from swin.data.transforms import Pipeline, random_flips
 
 ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox", "segmentation")
 
@@ -177,6 +178,16 @@ class ShorterSideResize(A.SmallestMaxSize):
         height, width = params["shape"][:2]
         return {"scale": min(scale, self.longer_max / max(height, width))}
 
+    def apply_to_masks(self, masks: np.ndarray, scale: float, **params: Any) -> np.ndarray:
+        """The masks resized as :meth:`apply_to_mask` does, each straight into one N×H×W array (albumentations
+        stacks a resized copy of each)."""
+        height, width = masks.shape[1:3]
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        out = np.empty((len(masks), size[1], size[0]), masks.dtype)
+        for mask, resized in zip(masks, out):
+            cv2.resize(mask, size, dst=resized, interpolation=self.mask_interpolation)
+        return out
+
 
 class RandomSizeCrop(A.RandomCrop):
     """Crop of random height and width, each drawn from [``min_size``, ``max_size``] and at most the image's, at a
@@ -220,7 +231,7 @@ def train_transform(
             p=crop_prob,
         )
         resize = A.OneOf([ShorterSideResize(sizes, max_size, p=1 - crop_prob), crop], p=1.0)
-    return A.Compose(
+    return Pipeline(
         [resize, *random_flips(hflip, vflip), A.ToFloat(max_value=255.0), ToTensorV2()],
         bbox_params=A.BboxParams(format="coco", label_fields=["labels", "index"], clip=True),
         seed=torch.initial_seed() % 2**32,
@@ -301,11 +312,13 @@ class CocoInstances(Dataset):
             labels=[self.label_of[a["category_id"]] for a in anns], index=list(range(len(anns))),
         )  # fmt: skip
         boxes = torch.from_numpy(np.asarray(out["bboxes"], np.float32).reshape(-1, 4))
-        keep = torch.as_tensor(np.asarray(out["index"], np.int64))  # boxes albumentations dropped take their masks along
+        masks = torch.as_tensor(out["masks"])
+        if len(out["index"]) < len(masks):  # boxes albumentations dropped take their masks along
+            masks = masks[torch.as_tensor(np.asarray(out["index"], np.int64))]
         target = {
             "boxes": box_convert(boxes, "xywh", "xyxy"),
             "labels": torch.as_tensor(np.asarray(out["labels"], np.int64)),
-            "masks": torch.as_tensor(out["masks"])[keep],
+            "masks": masks,
         }
         return out["image"], target
 
@@ -344,6 +357,9 @@ class COCODataModule(SwinDataModule):
         crop_size: range of the crop's height and width.
         synthetic: write the synthetic shapes dataset (``shapes.write_coco``) to ``root`` when it is missing.
         synthetic_kwargs: arguments of ``shapes.write_coco`` (``num_train``, ``num_val``, ``image_size``, ``seed``).
+        persistent_workers: keep the loader workers alive between epochs (with ``num_workers`` > 0).
+        pin_memory: page-locked batches for faster host-to-GPU copies; None: on when CUDA is there.
+        prefetch_factor: batches each loader worker loads ahead (with ``num_workers`` > 0).
 
     Batches are dicts of lists (images differ in size): ``image``, ``target``, ``image_id``, ``path``; predict
     batches ``image``, ``path``, ``size`` for a ``predict_root`` folder, else the validation split's samples.
@@ -373,8 +389,12 @@ class COCODataModule(SwinDataModule):
         crop_size: tuple[int, int] = (384, 600),
         synthetic: bool = False,
         synthetic_kwargs: dict[str, Any] | None = None,
+        persistent_workers: bool = True,
+        pin_memory: bool | None = None,
+        prefetch_factor: int = 2,
     ) -> None:
-        super().__init__(root, batch_size, num_workers, None, predict_root, synthetic, synthetic_kwargs)
+        super().__init__(root, batch_size, num_workers, None, predict_root, synthetic, synthetic_kwargs,
+                         persistent_workers=persistent_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
         self.splits = {
             "train": (train_ann, train_images),
             "val": (val_ann, val_images),

@@ -76,6 +76,9 @@ class ImageNetDataModule(SwinDataModule):
         val_split: folder of the validation (and test) split under ``root``.
         synthetic: write the shapes demo data into ``root`` if it is missing.
         synthetic_kwargs: arguments of :func:`swin.data.shapes.write_imagefolder`.
+        persistent_workers: keep the loader workers alive between epochs (with ``num_workers`` > 0).
+        pin_memory: page-locked batches for faster host-to-GPU copies; None: on when CUDA is there.
+        prefetch_factor: batches each loader worker loads ahead (with ``num_workers`` > 0).
     """
 
     write_synthetic = staticmethod(shapes.write_imagefolder)
@@ -101,8 +104,12 @@ class ImageNetDataModule(SwinDataModule):
         val_split: str = "val",
         synthetic: bool = False,
         synthetic_kwargs: dict[str, Any] | None = None,
+        persistent_workers: bool = True,
+        pin_memory: bool | None = None,
+        prefetch_factor: int = 2,
     ) -> None:
-        super().__init__(root, batch_size, num_workers, None, predict_root, synthetic, synthetic_kwargs)
+        super().__init__(root, batch_size, num_workers, None, predict_root, synthetic, synthetic_kwargs,
+                         persistent_workers=persistent_workers, pin_memory=pin_memory, prefetch_factor=prefetch_factor)
         self.image_size = image_size
         self.augment = dict(
             randaugment=randaugment, color_jitter=color_jitter, random_erasing=random_erasing,
