@@ -2,7 +2,8 @@
 
 - no mode: the backbone against timm's and torchvision's (:mod:`swin.bench.backbone`);
 - ``--attention``: the paper's Table 5, cyclic shift against padding and sliding windows (:mod:`swin.bench.attention`);
-- ``--coco-eval``: the detection metric at COCO val scale against ``COCOeval`` (:mod:`swin.bench.coco_eval`).
+- ``--coco-eval``: the detection metric at COCO val scale against ``COCOeval`` (:mod:`swin.bench.coco_eval`);
+- ``--data``: the input pipelines against timm's and torchvision's, per loader worker (:mod:`swin.bench.data`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import importlib
 from collections.abc import Sequence
 
 # the flag that selects a mode -> the module whose ``main(argv)`` runs it
-MODES: dict[str, str] = {"--attention": "swin.bench.attention", "--coco-eval": "swin.bench.coco_eval"}
+MODES: dict[str, str] = {"--attention": "swin.bench.attention", "--coco-eval": "swin.bench.coco_eval",
+                        "--data": "swin.bench.data"}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
