@@ -3,7 +3,9 @@
 - no mode: the backbone against timm's and torchvision's (:mod:`swin.bench.backbone`);
 - ``--attention``: the paper's Table 5, cyclic shift against padding and sliding windows (:mod:`swin.bench.attention`);
 - ``--coco-eval``: the detection metric at COCO val scale against ``COCOeval`` (:mod:`swin.bench.coco_eval`);
-- ``--data``: the input pipelines against timm's and torchvision's, per loader worker (:mod:`swin.bench.data`).
+- ``--data``: the input pipelines against timm's and torchvision's, per loader worker (:mod:`swin.bench.data`);
+- ``--task classification|detection|segmentation``: one training step of a task against the peer a user would
+  assemble from timm / torchvision (:mod:`swin.bench.task`).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Sequence
 
 # the flag that selects a mode -> the module whose ``main(argv)`` runs it
 MODES: dict[str, str] = {"--attention": "swin.bench.attention", "--coco-eval": "swin.bench.coco_eval",
-                        "--data": "swin.bench.data"}
+                        "--data": "swin.bench.data", "--task": "swin.bench.task"}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
