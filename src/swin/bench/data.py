@@ -241,8 +241,8 @@ def timm_classification(folder: Path, train: bool) -> Sample:
             try:
                 with Image.open(paths[index]) as image:
                     return transform(image.convert("RGB"))
-            except ValueError as error:  # timm's PosterizeIncreasing at magnitude 10 asks Pillow (≥ 12) for 0 bits,
-                if "bits" not in str(error):  # which it refuses: ~0.2 % of samples, drawn again, the time counted
+            except ValueError as error:  # timm's PosterizeIncreasing at magnitude 10 asks Pillow for 0 bits, which
+                if "bits" not in str(error):  # Pillow 13 refuses: a rare draw, drawn again, its time counted
                     raise
 
     return sample
