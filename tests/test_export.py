@@ -9,7 +9,9 @@ import yaml
 
 from swin.export import build_task, export_onnx, export_pt2, load_task, main
 from swin.models import CheckpointError, SwinTransformer
-from swin.models.swin import relative_position_index, shift_mask, window_geometry, window_index, window_tensors
+from swin.models.swin import (
+    WindowAttention, relative_position_index, shift_mask, window_geometry, window_index, window_tensors,
+)
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -80,6 +82,22 @@ def test_classifier_onnx_and_pt2_match_eager(tmp_path):
     info = json.loads((out / "contract.json").read_text())
     assert info["class_names"] == ["a", "b", "c"] and info["input"]["size"] == [40, 40]
     assert info["input"]["mean"] == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_onnx_graph_without_padding_mask_or_bias_copied_per_image(tmp_path):
+    """At 32² (no padding in any block) the export drops the all-True padding mask (``Where``) and the shifted
+    block's attention bias broadcasts over the images instead of being copied per image (``Expand``); the model's
+    attention is fused again afterwards; the eager numbers."""
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    model = SwinTransformer(**{**TINY, "depths": [2, 2]}, num_classes=3).eval()
+    path = export_onnx(model, torch.randn(2, 3, 32, 32), tmp_path / "model.onnx")
+    ops = {node.op_type for node in onnx.load(path).graph.node}
+    assert "Where" not in ops and "Expand" not in ops and "MatMul" in ops
+    assert all(m.fused for m in model.modules() if isinstance(m, WindowAttention))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert np.abs(_ort(path, x)[0] - model(x).numpy()).max() <= 1e-4
 
 
 def test_dense_backbone_onnx_takes_any_size_in_one_graph(tmp_path):

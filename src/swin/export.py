@@ -23,12 +23,13 @@ not drive.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -37,11 +38,15 @@ from torch import Tensor, nn
 
 from swin.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from swin.models import CheckpointError, SwinTransformer
+from swin.models.swin import WindowAttention
 from swin.tasks.base import BaseTask
 
+if TYPE_CHECKING:
+    import onnx_ir as ir
+
 __all__ = [
-    "FORMATS", "build_task", "load_task", "export_module", "export_onnx", "export_pt2", "to_timm", "torchvision_model",
-    "to_torchvision", "save_backbone", "contract", "main",
+    "FORMATS", "build_task", "load_task", "export_module", "export_onnx", "explicit_attention", "drop_constant_wheres",
+    "export_pt2", "to_timm", "torchvision_model", "to_torchvision", "save_backbone", "contract", "main",
 ]  # fmt: skip
 
 FORMATS = ("onnx", "pt2", "safetensors", "timm", "torchvision")
@@ -120,16 +125,61 @@ def export_pt2(module: nn.Module, example: Tensor, path: str | os.PathLike, dyna
 
 
 def export_onnx(module: nn.Module, example: Tensor, path: str | os.PathLike, dynamic_hw: bool = False) -> Path:
-    """ONNX (torch's dynamo exporter) of ``module``: input ``image``, dynamic batch (also height / width)."""
+    """ONNX (torch's dynamo exporter) of ``module``: input ``image``, dynamic batch (also height / width); window
+    attention on its explicit path (:func:`explicit_attention`), constant ``Where`` nodes dropped
+    (:func:`drop_constant_wheres`)."""
+    from onnx_ir.passes.common import RemoveUnusedNodesPass
+
     with torch.no_grad():
         out = module(example)
     names = ["logits"] if isinstance(out, Tensor) else [f"features{i}" for i in range(len(out))]
-    with torch.no_grad():
-        torch.onnx.export(
-            module, (example,), str(path), dynamo=True, dynamic_shapes=_dynamic(dynamic_hw),
+    with torch.no_grad(), explicit_attention(module):
+        program = torch.onnx.export(
+            module, (example,), dynamo=True, dynamic_shapes=_dynamic(dynamic_hw),
             input_names=["image"], output_names=names, verbose=False,
         )  # fmt: skip
+    if drop_constant_wheres(program.model.graph):
+        RemoveUnusedNodesPass()(program.model)
+    program.save(str(path))
     return Path(path)
+
+
+@contextlib.contextmanager
+def explicit_attention(module: nn.Module) -> Iterator[None]:
+    """``module``'s window attentions on their explicit path (``fused=False``: matmul, bias add, softmax, matmul,
+    windows grouped per image so that the bias broadcasts) for the duration, then as they were. Exported, SDPA
+    becomes a decomposition that copies the bias per image and transposes the keys through 3-D reshapes: onnxruntime
+    runs the explicit graph faster (Swin-T fp32: ×1.09), with the same numbers."""
+    attentions = [m for m in module.modules() if isinstance(m, WindowAttention)]
+    fused = [m.fused for m in attentions]
+    try:
+        for m in attentions:
+            m.fused = False
+        yield
+    finally:
+        for m, f in zip(attentions, fused):
+            m.fused = f
+
+
+def drop_constant_wheres(graph: ir.Graph) -> int:
+    """Remove every ``Where`` whose condition is a constant, all True or all False, and whose output is the branch it
+    picks, unchanged (same shape and type): e.g. a fixed-size export's padding mask (``masked_fill``) where there is
+    no padding, a full read and write of the tokens per block that onnxruntime keeps. Returns how many went."""
+    import onnx_ir as ir  # the export extra's (onnxscript's)
+
+    dropped = 0
+    for node in list(graph):
+        cond = node.inputs[0].const_value if node.op_type == "Where" else None
+        if cond is None or node.outputs[0].is_graph_output():
+            continue
+        values = cond.numpy()
+        if values.all() or not values.any():
+            kept, out = node.inputs[1 if values.all() else 2], node.outputs[0]
+            if kept.shape is not None and (kept.shape, kept.dtype) == (out.shape, out.dtype):
+                ir.convenience.replace_all_uses_with(out, kept)
+                graph.remove(node, safe=True)
+                dropped += 1
+    return dropped
 
 
 def to_timm(sd: dict[str, Tensor]) -> dict[str, Tensor]:
