@@ -7,7 +7,8 @@ and bf16 autocast, eager and ``torch.compile``; plus peak memory, a resolution s
 roofline. Writes ``bench.json`` and ``bench.png`` into ``--out``. Peers are optional: a peer that cannot be
 imported is skipped with a note (timm is only a test dependency of this package). The opt-in peers ``ours-ort`` and
 ``torchvision-ort`` are ours and torchvision's exported to ONNX and run under onnxruntime, in the CPU fp32 eager
-inference case only.
+inference case only. The opt-in peers ``ours-onednn`` and ``ours-aten`` are ours with every linear layer forced
+onto one kernel path: ``ours`` times both per layer shape and keeps the faster (:mod:`swin.models.ops`).
 
 Memory: on CUDA ``torch.cuda.max_memory_allocated`` above the steady state (weights, optimizer state). On CPU the
 peak resident set size above the steady state, read from ``/proc/self/status`` (VmHWM, reset through
@@ -48,7 +49,7 @@ from swin.bench.common import (
     time_alternating,
 )
 from swin import models as project_models
-from swin.models import VARIANTS, VARIANTS_V2, count_flops
+from swin.models import VARIANTS, VARIANTS_V2, count_flops, ops
 
 # Extra architectures for quick runs and tests (not published variants).
 BENCH_VARIANTS: dict[str, dict] = {
@@ -149,6 +150,22 @@ class OrtModel(nn.Module):
         return torch.from_numpy(self.session.run(None, {self.input: x.numpy()})[0])
 
 
+class ForcedKernels(nn.Module):
+    """Our model with its linear layers on one kernel path (:func:`swin.models.ops.use_kernels`): the two sides of
+    the per-shape timed choice that ``ours`` makes on this machine."""
+
+    def __init__(self, model: nn.Module, kernels: str):
+        super().__init__()
+        self.model, self.kernels = model, kernels
+
+    def forward(self, x: Tensor) -> Tensor:
+        with ops.use_kernels(self.kernels):
+            return self.model(x)
+
+
+# opt-in peers: ours with every linear layer forced onto oneDNN or onto ATen (``ours`` chooses per shape)
+KERNEL_PEERS = {"ours-onednn": "onednn", "ours-aten": "aten"}
+
 # onnxruntime rows: opt-in peers (each export takes minutes for Swin-T), timed in the infer fp32 eager CPU case only
 ORT_PEERS = {"ours-ort": _build_ours, "torchvision-ort": _build_torchvision}
 
@@ -166,6 +183,8 @@ BUILDERS: dict[str, Callable[..., nn.Module]] = {
     "torchvision": _build_torchvision,
     **{name: functools.partial(lambda b, arch, img_size: OrtModel(b(arch, img_size), img_size), b)
        for name, b in ORT_PEERS.items()},
+    **{name: functools.partial(lambda k, arch, img_size: ForcedKernels(_build_ours(arch, img_size), k), k)
+       for name, k in KERNEL_PEERS.items()},
 }  # fmt: skip
 
 
@@ -195,7 +214,9 @@ def available_models(peers: Sequence[str]) -> tuple[list[str], list[str]]:
     for peer in peers:
         if peer not in BUILDERS or peer == OURS:
             raise ValueError(f"unknown peer {peer!r}; choose from {sorted(set(BUILDERS) - {OURS})}")
-        module = {BASELINE: "swin_baseline", **dict.fromkeys(ORT_PEERS, "onnxruntime")}.get(
+        module = {
+            BASELINE: "swin_baseline", **dict.fromkeys(ORT_PEERS, "onnxruntime"), **dict.fromkeys(KERNEL_PEERS, "swin")
+        }.get(
             peer, "timm" if peer.startswith("timm") else peer
         )
         try:

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "Linear", "linear", "gather_tokens", "in_pieces", "in_bands", "run_in_pieces", "exporting", "kernel_mode",
-    "kernel_choices",
+    "kernel_choices", "use_kernels",
 ]
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -61,14 +61,29 @@ _MARGIN = 0.95  # oneDNN must take at most 95 % of ATen's time to be chosen
 _choices: dict[str, bool] = {}  # choice key -> use oneDNN (this process, merged with the cache file's)
 _cache_loaded: str | None = None  # the cache file (and machine) _choices was filled from
 _part_of: tuple[int, int] | None = None  # (whole, part): the call is part of a larger one (piecewise execution)
+_forced: str | None = None  # set by use_kernels()
 
 
 def kernel_mode() -> str:
-    """``SWIN_KERNELS``: ``auto`` (timed choice, the default), ``onednn`` or ``aten``."""
-    mode = os.environ.get("SWIN_KERNELS", "auto").strip().lower() or "auto"
+    """The kernel path: :func:`use_kernels`'s, else ``SWIN_KERNELS``: ``auto`` (timed choice, the default),
+    ``onednn`` or ``aten``."""
+    mode = _forced or os.environ.get("SWIN_KERNELS", "auto").strip().lower() or "auto"
     if mode not in KERNEL_MODES:
         raise ValueError(f"SWIN_KERNELS={mode!r}: expected one of {', '.join(KERNEL_MODES)}")
     return mode
+
+
+@contextlib.contextmanager
+def use_kernels(mode: str) -> Iterator[None]:
+    """Run the linear layers inside on one path (``auto``, ``onednn`` or ``aten``), whatever ``SWIN_KERNELS`` says."""
+    global _forced
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"unknown kernel path {mode!r}: expected one of {', '.join(KERNEL_MODES)}")
+    outer, _forced = _forced, mode
+    try:
+        yield
+    finally:
+        _forced = outer
 
 
 def _machine() -> str:
