@@ -209,7 +209,8 @@ def make_batch(task: str, batch: int, size: tuple[int, int], num_classes: int, d
     height, width = size
     if task == "classification":
         images = torch.randn(batch, 3, height, width, generator=generator)
-        return {"image": images.to(device), "label": torch.randint(0, num_classes, (batch,), generator=generator).to(device)}
+        labels = torch.randint(0, num_classes, (batch,), generator=generator)
+        return {"image": images.to(device), "label": labels.to(device)}
     if task == "segmentation":
         blocks = torch.randint(0, num_classes, (batch, -(-height // 16), -(-width // 16)), generator=generator)
         mask = blocks.repeat_interleave(16, 1).repeat_interleave(16, 2)[:, :height, :width].clone()
@@ -268,6 +269,17 @@ def time_case(steps: dict[str, Callable[[], Tensor]], device: torch.device, repe
         },
         "speedup": statistics.median(ratios), "speedup_range": [min(ratios), max(ratios)],
     }
+
+
+def watch_mask_rois(sides: dict[str, Side]) -> dict[str, list[int]]:
+    """Per detection side, the RoIs its mask head pools in each step (the sampled positives): they set the mask
+    head's work, and the two sides' proposals part once their weights do (drop path draws differ)."""
+    counts: dict[str, list[int]] = {name: [] for name in sides}
+    for name, side in sides.items():
+        side.task.model.roi_heads.mask_roi_pool.register_forward_hook(
+            lambda module, args, out, rois=counts[name]: rois.append(out.shape[0])
+        )
+    return counts
 
 
 def top_ops(step: Callable[[], Any], device: torch.device, top: int = 12) -> list[dict]:
@@ -350,14 +362,20 @@ def markdown(report: dict) -> str:
             f"| ×{c['speedup']:.2f} (×{c['speedup_range'][0]:.2f}-{c['speedup_range'][1]:.2f}) "
             f"| {o['loss']:.3f} / {p['loss']:.3f} | {load} |"
         )
+    for c in report["cases"]:
+        if "mask_rois" in c:
+            lines.append(f"\nMask-head RoIs (sampled positives) per step, {c['precision']}: ours "
+                         f"{c['mask_rois']['ours']:.0f}, peer {c['mask_rois']['peer']:.0f}.")
     if report["memory"]:
-        lines += ["", "| peak memory above the steady state (weights, optimizer) | ours MB | peer MB |", "|---|---|---|"]
+        lines += ["", "| peak memory above the steady state (weights, optimizer) | ours MB | peer MB |"]
+        lines.append("|---|---|---|")
         for precision in report["precisions"]:
             mb = {r["side"]: r["peak_mb"] for r in report["memory"] if r["precision"] == precision}
             cells = " | ".join("n/a" if mb.get(s) is None else f"{mb[s]:.0f}" for s in SIDES)
             lines.append(f"| {precision} | {cells} |")
     for name, rows in report["profile"].items():
-        lines += ["", f"| {name}: top ops ({report['profile_case']}) | ms / step | share | calls |", "|---|---|---|---|"]
+        lines += ["", f"| {name}: top ops ({report['profile_case']}) | ms / step | share | calls |"]
+        lines.append("|---|---|---|---|")
         lines += [f"| `{r['op']}` | {r['ms_per_step']:.1f} | {100 * r['share']:.1f}% | {r['calls']} |" for r in rows]
     lines += [f"\n**{e}**" for e in report["errors"]]
     return "\n".join(lines) + "\n"
@@ -374,7 +392,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("task", choices=TASKS)
     parser.add_argument("--batch-size", type=int, default=None, help="default 8 / 1 / 2 (quick: 1 / 1 / 2)")
     parser.add_argument(
-        "--image-size", type=_size, default=None, help="H or HxW; default 224 / 800x1333 / 512 (quick: 224 / 128x160 / 64)"
+        "--image-size", type=_size, default=None,
+        help="H or HxW; default 224 / 800x1333 / 512 (quick: 224 / 128x160 / 64)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--precisions", default=None, help="fp32,bf16 (CUDA default: bf16)")
@@ -404,7 +423,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     device, task, size = torch.device(args.device), args.task, args.image_size
     report = {
-        "task": task, "batch": args.batch_size, "size": list(size), "device": args.device, "precisions": args.precisions,
+        "task": task, "batch": args.batch_size, "size": list(size), "device": args.device,
+        "precisions": args.precisions,
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "machine": machine(), "threads": torch.get_num_threads(), "torch": torch.__version__, "repeats": args.repeats,
         "command": "python -m swin.bench --task " + " ".join(sys.argv[2:] if argv is None else argv),
@@ -420,10 +440,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     report["params"] = {name: sum(p.numel() for p in side.task.parameters()) for name, side in sides.items()}
     data = make_batch(task, args.batch_size, size, sides["ours"].task.hparams.num_classes, device)
     steps = {}
+    mask_rois = watch_mask_rois(sides) if task == "detection" else {}
 
     def case(precision: str) -> None:
         steps[precision] = {name: make_step(side, data, precision, device) for name, side in sides.items()}
+        for rois in mask_rois.values():
+            rois.clear()
         result = {"precision": precision, **time_case(steps[precision], device, args.repeats, args.min_time)}
+        if mask_rois:
+            result["mask_rois"] = {name: statistics.mean(rois) for name, rois in mask_rois.items()}
         report["cases"].append(result)
         medians = ", ".join(f"{k} {v['median']:.3f} s" for k, v in result["sides"].items())
         print(f"{task} {precision}: {medians} | ours ×{result['speedup']:.2f} | load {result['load']}", flush=True)
