@@ -145,7 +145,7 @@ def peer_model(task: str, hp: Any, size: tuple[int, int]) -> nn.Module:
     )  # fmt: skip
 
 
-# the peer's modules that are this project's (or torchvision's) own, by name in both networks
+# the head modules both networks have with the same structure and names (their weights go from ours to the peer)
 SHARED_HEADS = {"classification": (), "detection": ("backbone.fpn", "rpn", "roi_heads"),
                 "segmentation": ("decode_head", "aux_head")}  # fmt: skip
 
@@ -177,8 +177,8 @@ def build_sides(
     task: str, size: tuple[int, int], device: torch.device, names: Sequence[str] = SIDES
 ) -> dict[str, Side]:
     """Our task as its recipe builds it, and the same task with the peer's network and the same weights
-    (:func:`same_weights`); each with the tasks' fused AdamW (no weight decay on norms, biases and position tables)
-    at the recipe's learning rate. ``names`` picks the sides returned."""
+    (:func:`same_weights`); each with the tasks' fused AdamW at the recipe's learning rate, no weight decay on 1-D
+    parameters and biases (nor on our backbone's position tables). ``names`` picks the sides returned."""
     cls, init_args = recipe(task)
     torch.manual_seed(0)
     modules = {"ours": cls(**init_args), "peer": cls(**init_args)}
