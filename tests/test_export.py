@@ -127,6 +127,27 @@ def test_segmentor_onnx_matches_eager_at_an_odd_size(tmp_path):
     assert got.shape == (1, 4, 45, 38) and np.abs(got - expected.numpy()).max() <= 1e-4
 
 
+def test_upernet_head_exports_with_dynamic_sizes():
+    """The decode head's resizes keep symbolic sizes (no int(), no guard): one torch.export program with a dynamic
+    height and width per level gives the eager logits at the export's sizes and at odd ones."""
+    from swin.models.upernet import UperNetHead
+
+    torch.manual_seed(0)
+    widths = [8, 16, 32, 64]
+    head = UperNetHead(widths, 4, channels=8, pool_scales=[1, 2]).eval()
+
+    def features(h: int, w: int, batch: int) -> list[torch.Tensor]:
+        return [torch.randn(batch, c, (h - 1) // 2**i + 1, (w - 1) // 2**i + 1) for i, c in enumerate(widths)]
+
+    dim = torch.export.Dim
+    levels = [{0: dim("b"), 2: dim(f"h{i}", min=2, max=1024), 3: dim(f"w{i}", min=2, max=1024)} for i in range(4)]
+    with torch.no_grad():
+        program = torch.export.export(head, (features(12, 10, 2),), dynamic_shapes=(levels,)).module()
+        for h, w in [(12, 10), (17, 23), (25, 14)]:
+            x = features(h, w, 1)
+            assert (program(x) - head(x)).abs().max() <= 1e-5, (h, w)
+
+
 def test_bad_input_names_the_file(tmp_path, capsys):
     config, ckpt, _ = _checkpoint(tmp_path, "classification")
     seg_config, seg_ckpt, _ = _checkpoint(tmp_path, "segmentation")

@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from swin.models.swin import SwinTransformer
 
@@ -36,9 +37,11 @@ Forward = Callable[[Tensor], Tensor]
 
 
 def resize(x: Tensor, size: Sequence[int]) -> Tensor:
-    """Bilinear resize of NCHW maps to ``size`` (align_corners False); a no-op at the same size."""
-    size = tuple(int(s) for s in size)
-    if tuple(x.shape[-2:]) == size:
+    """Bilinear resize of NCHW maps to ``size`` (align_corners False); a no-op at the same size. Symbolic sizes
+    (an export with a dynamic height and width) stay symbolic: no ``int()``, and no comparison that would become
+    a guard; the resize is kept unless the sizes are known equal."""
+    size = tuple(s if isinstance(s, torch.SymInt) else int(s) for s in size)
+    if all(statically_known_true(a == b) for a, b in zip(x.shape[-2:], size)):
         return x
     return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
