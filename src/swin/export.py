@@ -13,8 +13,8 @@ weights when on) with logits as output; segmentation the UperNet segmentor (logi
 auxiliary head). Both have a dynamic batch; height and width are those of ``--size`` (default: the config's
 ``data.init_args.image_size``, else 224). The dense backbone alone exports with a dynamic height and width too
 (``export_onnx`` / ``export_pt2`` with ``dynamic_hw=True``: one graph for any size, window multiple or not); the
-UperNet segmentor with ``dynamic_hw`` took over 8 minutes to export and failed (on 2 shared cores), so the CLI exports
-it at one size. The Swin blocks export their cyclic shift, padding and window partition
+UperNet segmentor does not yet (its four-stage backbone's size expressions blow up, then guard; README "Deploy"), so
+the CLI exports it at one size. The Swin blocks export their cyclic shift, padding and window partition
 as tensor arithmetic (:func:`swin.models.swin.window_tensors`), with the eager numbers. Mask R-CNN is refused:
 torchvision's detectors export to ONNX only through the TorchScript exporter, at fixed sizes, which this tool does
 not drive.
