@@ -204,3 +204,22 @@ def test_an_unreadable_cache_file_is_reported_and_replaced(kernel_cache, monkeyp
     with pytest.warns(UserWarning, match="kernels.json is unreadable"):
         ops.linear(torch.randn(4, 24), torch.randn(40, 24))
     assert json.loads(path.read_text())[ops._machine()]
+
+
+def test_a_choice_another_process_wrote_meanwhile_is_taken(kernel_cache, monkeypatch):
+    path, calls = kernel_cache
+    x, weight = torch.randn(4, 24), torch.randn(40, 24)
+    assert ops.kernel_choices() == {}  # this process has read the (empty) cache
+    key = ops._choice_key(x, weight, None, False, False)
+    path.write_text(json.dumps({ops._machine(): {key: True}}))  # e.g. DDP rank 0, while rank 1 was busy
+    monkeypatch.setattr(ops, "_time_kernels", lambda *a: pytest.fail("timed although the choice was on file"))
+    ops.linear(x, weight)
+    assert calls and ops.kernel_choices() == {key: "onednn"}
+
+
+def test_timing_leaves_the_global_random_stream_alone():
+    """Dropout and drop path draw from it: a run that times a shape must draw what a run reading the cache draws."""
+    x, weight = torch.randn(64, 24), torch.randn(40, 24)
+    state = torch.get_rng_state()
+    ops._time_kernels(x, weight, None, False, True)
+    assert torch.equal(torch.get_rng_state(), state)

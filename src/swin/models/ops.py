@@ -13,13 +13,15 @@ inputs and oneDNN is kept only if it is at least 5 % faster than ATen's. The cho
 ``~/.cache/swin/kernels.json`` per CPU model and torch version, so that later runs (a resumed one too) take the same
 kernels. ``SWIN_KERNELS=aten|onednn`` forces one path (default ``auto``); ``SWIN_KERNEL_CACHE=PATH`` moves the cache
 file, ``SWIN_KERNEL_CACHE=`` keeps it in memory only. Pieces and bands only for CPU inference (eval mode, no
-autograd, not compiling). Elsewhere (CUDA, ``torch.compile``) every function here is the plain PyTorch computation
-(under ``torch.compile`` a linear takes the cached choice, else oneDNN).
+autograd, not compiling). On CUDA every function here is the plain PyTorch computation; under ``torch.compile`` the
+linears take oneDNN as opaque custom ops (no timing while tracing).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import json
 import math
 import os
@@ -57,9 +59,10 @@ def _use_onednn(x: Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 KERNEL_MODES = ("auto", "onednn", "aten")
+_TIMING = 2  # how the kernels are timed: a change here invalidates the cached choices
 _MARGIN = 0.95  # oneDNN must take at most 95 % of ATen's time to be chosen
 _choices: dict[str, bool] = {}  # choice key -> use oneDNN (this process, merged with the cache file's)
-_cache_loaded: str | None = None  # the cache file (and machine) _choices was filled from
+_cache_loaded: tuple | None = None  # (SWIN_KERNEL_CACHE,) that _choices was filled from
 _part_of: tuple[int, int] | None = None  # (whole, part): the call is part of a larger one (piecewise execution)
 _forced: str | None = None  # set by use_kernels()
 
@@ -86,6 +89,7 @@ def use_kernels(mode: str) -> Iterator[None]:
         _forced = outer
 
 
+@functools.cache
 def _machine() -> str:
     """The CPU model, torch's kernel level and version: choices made on one machine are not reused on another."""
     name = platform.processor() or platform.machine()
@@ -94,7 +98,7 @@ def _machine() -> str:
             if line.startswith("model name"):
                 name = line.partition(":")[2].strip()
                 break
-    return f"{name} | {torch.backends.cpu.get_cpu_capability()} | torch {torch.__version__}"
+    return f"{name} | {torch.backends.cpu.get_cpu_capability()} | torch {torch.__version__} | timing {_TIMING}"
 
 
 def _cache_file() -> Path | None:
@@ -122,28 +126,53 @@ def kernel_choices() -> dict[str, str]:
 
 def _load_cache() -> None:
     global _cache_loaded
-    path = _cache_file()
-    where = f"{path}|{_machine()}"
+    where = (os.environ.get("SWIN_KERNEL_CACHE"),)
     if _cache_loaded != where:
+        path = _cache_file()
         _choices.clear()
         if path is not None:
             _choices.update(_read_cache(path).get(_machine(), {}))
         _cache_loaded = where
 
 
-def _remember(key: str, fast: bool) -> None:
-    _choices[key] = fast
+@contextlib.contextmanager
+def _cache_locked() -> Iterator[Path | None]:
+    """The cache file, locked against the other processes of this machine (DDP ranks, a resumed run) while one
+    process times a shape: the first choice written is the one every process takes."""
     path = _cache_file()
     if path is None:
+        yield None
         return
-    from swin.files import atomic_write
-
-    data = _read_cache(path)
-    data.setdefault(_machine(), {})[key] = fast
     try:
-        atomic_write(path, json.dumps(data, indent=1, sort_keys=True))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115 - held for the block
     except OSError as err:
-        warnings.warn(f"kernel choices are kept for this process only: {err}", stacklevel=3)
+        warnings.warn(f"kernel choices are kept for this process only: {err}", stacklevel=4)
+        yield None
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield path
+
+
+def _decide(key: str, x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool, grad: bool) -> bool:
+    """The choice another process wrote meanwhile, else time both kernels and write this one's."""
+    with _cache_locked() as path:
+        data = _read_cache(path) if path is not None else {}
+        fast = data.get(_machine(), {}).get(key)
+        if fast is None:
+            aten_s, onednn_s = _time_kernels(x, weight, bias, gelu, grad)
+            fast = onednn_s < _MARGIN * aten_s
+            if path is not None:
+                from swin.files import atomic_write
+
+                data.setdefault(_machine(), {})[key] = fast
+                try:
+                    atomic_write(path, json.dumps(data, indent=1, sort_keys=True))
+                except OSError as err:
+                    warnings.warn(f"kernel choices are kept for this process only: {err}", stacklevel=4)
+    _choices[key] = fast
+    return fast
 
 
 @contextlib.contextmanager
@@ -162,7 +191,7 @@ def _choice_key(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool, grad
     rows = x.numel() // max(x.shape[-1], 1)
     if _part_of is not None:
         rows = rows * _part_of[0] // max(_part_of[1], 1)
-    bucket = 1 << max(0, round(math.log2(max(rows, 1))))
+    bucket = 1 << max(0, rows.bit_length() - 1)  # the power of two at or below
     kind = "train" if grad else ("infer+gelu" if gelu else "infer")
     return (f"{kind} {str(x.dtype).removeprefix('torch.')} rows~{bucket} {weight.shape[1]}->{weight.shape[0]}"
             f"{'' if bias is not None else ' nobias'} threads={torch.get_num_threads()}")
@@ -184,7 +213,8 @@ def _best_seconds(fn: Callable[[], object]) -> float:
 
 
 def _time_kernels(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool, grad: bool) -> tuple[float, float]:
-    """Seconds per call of ATen's and oneDNN's kernel on these inputs (forward and backward when ``grad``)."""
+    """Seconds per call of ATen's and oneDNN's kernel on these inputs as the layers run them: without autograd the
+    GELU fused and the weight packed for oneDNN, with autograd forward and backward."""
     x, weight = x.detach().reshape(-1, x.shape[-1]), weight.detach()
     bias = bias.detach() if bias is not None else None
 
@@ -192,13 +222,16 @@ def _time_kernels(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool, gr
         y = F.linear(x, weight, bias)
         return F.gelu(y) if gelu else y
 
+    packed = weight if grad else torch.ops.mkldnn._reorder_linear_weight(weight, x.shape[0])  # as Linear packs it
+
     def onednn() -> Tensor:
-        return _onednn_linear(x, weight, bias, gelu)
+        return _onednn_linear(x, packed, bias, gelu)
 
     candidates = {"aten": aten, "onednn": onednn}
     if grad:
         x, weight = x.clone().requires_grad_(), weight.clone().requires_grad_()
-        upstream = torch.randn(x.shape[0], weight.shape[0], dtype=x.dtype)
+        # a generator of its own: the global one drives dropout and drop path, which a timing must not shift
+        upstream = torch.randn(x.shape[0], weight.shape[0], generator=torch.Generator().manual_seed(0)).to(x.dtype)
         candidates = {
             "aten": lambda: torch.autograd.grad(F.linear(x, weight, bias), (x, weight), upstream),
             "onednn": lambda: torch.autograd.grad(_onednn_linear(x, weight, bias, False), (x, weight), upstream),
@@ -213,19 +246,15 @@ def _time_kernels(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool, gr
 
 def _onednn_is_faster(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool, grad: bool) -> bool:
     """Whether this call takes oneDNN: forced by ``SWIN_KERNELS``, else the timed choice for its shape."""
+    if torch.compiler.is_compiling():  # no look-ups or timing while tracing: oneDNN, opaque to the compiler
+        return True
     mode = kernel_mode()
     if mode != "auto":
         return mode == "onednn"
     _load_cache()
     key = _choice_key(x, weight, bias, gelu, grad)
     fast = _choices.get(key)
-    if fast is None:
-        if torch.compiler.is_compiling():  # no timing while tracing: oneDNN as before the choice existed
-            return True
-        aten_s, onednn_s = _time_kernels(x, weight, bias, gelu, grad)
-        fast = onednn_s < _MARGIN * aten_s
-        _remember(key, fast)
-    return fast
+    return _decide(key, x, weight, bias, gelu, grad) if fast is None else fast
 
 
 # ---------------------------------------------------------------------------------------------------------------
