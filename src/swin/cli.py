@@ -27,6 +27,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveCon
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
+from swin.allocator import tune_malloc
 from swin.checkpoints import resume_checkpoint, run_folder
 from swin.files import atomic_write
 from swin.tasks.base import BaseTask
@@ -144,7 +145,10 @@ def _is_checkpoint_io(plugin: Any) -> bool:
 
 
 def main(args: list[str] | None = None, run: bool = True) -> SwinCLI:
-    """Entry point of ``cli.py``, ``python -m swin`` and the ``swin`` command (``run=False``: only instantiate)."""
+    """Entry point of ``cli.py``, ``python -m swin`` and the ``swin`` command (``run=False``: only instantiate).
+
+    Sets glibc's malloc to keep freed tensor buffers between steps first (``SWIN_MALLOC``, :mod:`swin.allocator`)."""
+    tune_malloc()
     return SwinCLI(
         BaseTask,
         LightningDataModule,
