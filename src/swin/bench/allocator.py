@@ -103,7 +103,6 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         key = "checkpointing_" if checkpointing else ""
         row |= {f"{key}persistent_mb": persistent, f"{key}peak_mb": _status_mb("VmHWM"),
                 f"{key}peak_above_mb": _status_mb("VmHWM") - persistent}  # fmt: skip
-        del model, optimizer
     return row
 
 

@@ -27,7 +27,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -44,9 +43,11 @@ from swin.bench.common import (
     load_average,
     machine,
     machine_line,
+    memory_child,
     section,
     sync,
     time_alternating,
+    top_ops,
 )
 from swin import models as project_models
 from swin.models import VARIANTS, VARIANTS_V2, count_flops, ops
@@ -364,12 +365,7 @@ def memory_cpu(names: list[str], arch: dict, modes, precisions, batch: int, size
     spec = dict(names=names, arch=arch, modes=list(modes), precisions=list(precisions), batch=batch, size=size)
     spec["threads"] = torch.get_num_threads()
     spec["baseline"] = _baseline_source
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
-    code = "import swin.bench.backbone as b; b._memory_child()"
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env, capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"memory probe failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return memory_child("swin.bench.backbone", spec)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -413,10 +409,6 @@ def profile_ops(
     names: list[str], arch: dict, mode: str, precision: str, batch: int, size: int, device: torch.device, top: int = 10
 ) -> dict[str, list[dict]]:
     """torch.profiler's top operators by self time, per model, over two steps (after a warm-up step)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     x, target = _inputs(batch, size, device)
     tables = {}
     for name in names:
@@ -424,19 +416,7 @@ def profile_ops(
         step = make_step(BUILDERS[name](arch, size).to(device), mode, precision, x, target)
         step()
         sync(device)
-        with profile(activities=activities) as prof:
-            step()
-            step()
-            sync(device)
-        ops: dict[str, list[float]] = {}  # an op may come in several averages (e.g. overloads): one row each name
-        for e in prof.key_averages():
-            us, count = ops.setdefault(e.key, [0.0, 0])
-            ops[e.key] = [us + getattr(e, attr), count + e.count]
-        total = sum(us for us, _ in ops.values())
-        rows = sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]
-        tables[name] = [
-            {"op": op, "ms_per_step": us / 2e3, "share": us / total, "calls": count // 2} for op, (us, count) in rows
-        ]
+        tables[name] = top_ops(step, device, top, steps=2)
     return tables
 
 

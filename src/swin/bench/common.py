@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -102,3 +104,37 @@ def section(report: dict, label: str, run: Callable[[], None], save: Callable[[]
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     save()
+
+
+def top_ops(step: Callable[[], object], device: torch.device, top: int = 12, steps: int = 1) -> list[dict]:
+    """torch.profiler's top operators by self time, per step, over ``steps`` calls of a warm ``step``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    ops: dict[str, list[float]] = {}  # an op may come in several averages (e.g. overloads): one row each name
+    for e in prof.key_averages():
+        us, count = ops.setdefault(e.key, [0.0, 0])
+        ops[e.key] = [us + getattr(e, attr), count + e.count]
+    total = sum(us for us, _ in ops.values())
+    rows = sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]
+    return [
+        {"op": op, "ms_per_step": us / 1e3 / steps, "share": us / total, "calls": count // steps}
+        for op, (us, count) in rows
+    ]
+
+
+def memory_child(module: str, spec: dict) -> list[dict]:
+    """``module._memory_child()`` in a child process given ``spec`` (JSON) as its argument, with an allocator that
+    maps every tensor buffer and unmaps it when freed, so that the resident size follows the live tensors; returns
+    the JSON the child prints last."""
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
+    code = f"import {module} as m; m._memory_child()"
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env, capture_output=True, text=True)
+    if out.returncode:
+        raise RuntimeError(f"memory probe failed:\n{out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

@@ -14,9 +14,7 @@ import argparse
 import functools
 import importlib
 import json
-import os
 import statistics
-import subprocess
 import sys
 import warnings
 from collections import OrderedDict
@@ -32,7 +30,16 @@ from torch import Tensor, nn
 
 from swin.bench.backbone import _autocast, _build_torchvision, architecture, peak_memory_mb
 from swin.bench.coco_eval import ellipse_mask, random_boxes
-from swin.bench.common import cpu_name, load_average, machine, machine_line, section, sync, time_alternating
+from swin.bench.common import (
+    cpu_name,
+    load_average,
+    machine,
+    machine_line,
+    memory_child,
+    section,
+    time_alternating,
+    top_ops,
+)
 from swin.models import load_pretrained
 from swin.tasks.base import BaseTask, param_groups
 
@@ -282,24 +289,6 @@ def watch_mask_rois(sides: dict[str, Side]) -> dict[str, list[int]]:
     return counts
 
 
-def top_ops(step: Callable[[], Any], device: torch.device, top: int = 12) -> list[dict]:
-    """torch.profiler's top operators by self time over one step (call it on a warm step)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    with profile(activities=activities) as prof:
-        step()
-        sync(device)
-    ops: dict[str, list[float]] = {}  # an op may come in several averages (e.g. overloads): one row each name
-    for e in prof.key_averages():
-        us, count = ops.setdefault(e.key, [0.0, 0])
-        ops[e.key] = [us + getattr(e, attr), count + e.count]
-    total = sum(us for us, _ in ops.values())
-    rows = sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]
-    return [{"op": op, "ms_per_step": us / 1e3, "share": us / total, "calls": count} for op, (us, count) in rows]
-
-
 def memory_rows(task: str, batch: int, size: tuple[int, int], precisions: Sequence[str], device: torch.device) -> list:
     """Peak memory of one step above the steady state (weights, optimizer state), per side and precision."""
     rows = []
@@ -324,12 +313,7 @@ def memory_cpu(task: str, batch: int, size: tuple[int, int], precisions: Sequenc
     """:func:`memory_rows` in a child process whose allocator returns every freed tensor buffer to the system, so
     that the resident size follows the live tensors (as :func:`swin.bench.backbone.memory_cpu`)."""
     spec = dict(task=task, batch=batch, size=size, precisions=list(precisions), threads=torch.get_num_threads())
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "65536"}
-    code = "import swin.bench.task as t; t._memory_child()"
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], env=env, capture_output=True, text=True)
-    if out.returncode:
-        raise RuntimeError(f"memory probe failed:\n{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return memory_child("swin.bench.task", spec)
 
 
 # ---------------------------------------------------------------------------------------------------------------
