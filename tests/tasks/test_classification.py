@@ -103,8 +103,10 @@ def test_validate_evaluates_the_ema_weights(run, fitted, monkeypatch):
             losses = [F.cross_entropy(model.eval()(b["image"]), b["label"], reduction="sum") for b in data.val_dataloader()]
         return float(sum(losses)) / len(data.datasets["val"])
 
-    assert logged == pytest.approx(val_loss(task.ema.module), rel=1e-4)
-    assert logged != pytest.approx(val_loss(task.model), rel=1e-4)
+    ema_loss, raw_loss = val_loss(task.ema.module), val_loss(task.model)
+    assert logged == pytest.approx(ema_loss, rel=1e-4)
+    # the EMA weights were evaluated, not the trained ones (whose loss may be close: compare the distances)
+    assert abs(logged - ema_loss) < abs(logged - raw_loss) / 10, (logged, ema_loss, raw_loss)
 
 
 def test_test_and_predict_write_metrics_and_top5_csv(run, fitted, monkeypatch):
