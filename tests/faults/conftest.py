@@ -40,11 +40,14 @@ def write_config(tmp: Path, epochs: int = 3, every: int = 2, **trainer) -> Path:
 
 
 def env() -> dict[str, str]:
-    """This environment, one thread, the probes importable, without a SLURM job's or a previous run's variables."""
+    """This environment, one thread, one kernel path, the probes importable, without a SLURM job's or a previous
+    run's variables."""
     drop = ("SLURM_", "SWIN_RUN_VERSION", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_", "PL_")
     out = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
     path = os.pathsep.join(filter(None, [str(Path(__file__).parent), out.get("PYTHONPATH")]))
-    out.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=path)
+    # one kernel path, no timed choice (swin.models.ops): timing makes a run's first step slower, and the random kills
+    # are drawn for steps of even length (a kill before the first checkpoint starts a new run folder)
+    out.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=path, SWIN_KERNELS="onednn")
     return out
 
 
