@@ -355,8 +355,9 @@ class Linear(nn.Linear):
         self._packed = None
         return super().train(mode)
 
-    def _packed_weights(self, x: Tensor, gelu: bool) -> tuple[Tensor, Tensor | None] | None:
-        """The cast and packed weight and bias where this call takes oneDNN without autograd, else None."""
+    def _inference_inputs(self, x: Tensor, gelu: bool) -> tuple[Tensor, Tensor, Tensor | None, bool] | None:
+        """Without autograd on CPU: ``x``, weight and bias cast once (the weight packed where oneDNN is chosen) and
+        whether oneDNN is chosen for this call; else None."""
         weight, bias = self.weight, self.bias
         if not _use_onednn(x) or torch.is_grad_enabled() or torch.compiler.is_compiling():
             return None
@@ -368,19 +369,24 @@ class Linear(nn.Linear):
             cast_bias = None if bias is None else bias.to(dtype)
             self._packed = (key, weight.to(dtype), cast_bias, None)
         _, cast_weight, cast_bias, packed = self._packed
-        if not _onednn_is_faster(x.to(dtype), cast_weight, cast_bias, gelu, False):
-            return None
+        x = x.to(dtype)
+        if not _onednn_is_faster(x, cast_weight, cast_bias, gelu, False):
+            return x, cast_weight, cast_bias, False
         if packed is None:
             packed = torch.ops.mkldnn._reorder_linear_weight(cast_weight, x.numel() // x.shape[-1])
             self._packed = (key, cast_weight, cast_bias, packed)
-        return packed, cast_bias
+        return x, packed, cast_bias, True
 
     def forward(self, x: Tensor, gelu: bool = False) -> Tensor:
         """:func:`linear` of ``x``, then exact GELU when ``gelu``."""
-        packed = self._packed_weights(x, gelu)
-        if packed is None:
+        inputs = self._inference_inputs(x, gelu)
+        if inputs is None:
             return linear(x, self.weight, self.bias, gelu=gelu)
-        return _onednn_linear(x.to(packed[0].dtype), *packed, gelu)
+        x, weight, bias, onednn = inputs
+        if onednn:
+            return _onednn_linear(x, weight, bias, gelu)
+        y = F.linear(x, weight, bias)
+        return F.gelu(y) if gelu else y
 
 
 # ---------------------------------------------------------------------------------------------------------------
