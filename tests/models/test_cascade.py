@@ -180,6 +180,34 @@ def test_stage_losses_are_weighted_one_half_quarter():
     assert plain["loss_box_s0"] > 0 and plain["loss_mask_s2"] > 0
 
 
+def test_class_weights_weight_each_stages_classification_loss(monkeypatch):
+    images, targets = sample_batch()
+    weights = torch.tensor([1.0, 0.5, 3.0, 2.0])  # background first
+    model = tiny_cascade(class_weights=weights[1:].tolist()).train()
+    logits, labels = [], []
+    for stage in model.roi_heads.stages:
+        capture(stage.box_predictor, logits)
+        with torch.no_grad():
+            stage.box_predictor.cls_score.bias[2] = 5.0  # RoIs of class 2 lose far less than the others
+    sample = model.roi_heads.sample
+    monkeypatch.setattr(model.roi_heads, "sample", lambda *args: labels.append(s := sample(*args)) or s)
+    plain = tiny_cascade()
+    plain.load_state_dict(model.state_dict())  # strict: the weights are not a checkpoint key
+    torch.manual_seed(1)
+    losses = model(images, targets)
+    torch.manual_seed(1)
+    expected = plain.train()(images, targets)
+    for i, ((_, (stage_logits, _)), samples) in enumerate(zip(logits, labels)):
+        stage_labels = torch.cat(samples["labels"])
+        assert (stage_labels > 0).any()
+        want = F.cross_entropy(stage_logits, stage_labels, weight=weights) * (1.0, 0.5, 0.25)[i]
+        torch.testing.assert_close(losses[f"loss_cls_s{i}"], want)
+        assert abs(losses[f"loss_cls_s{i}"] - expected[f"loss_cls_s{i}"]) > 1e-4
+        torch.testing.assert_close(losses[f"loss_box_s{i}"], expected[f"loss_box_s{i}"])
+    with pytest.raises(ValueError, match="class_weights needs 3 non-negative weights"):
+        tiny_cascade(class_weights=[1.0, -1.0, 1.0])
+
+
 def test_masks_average_the_three_mask_heads():
     model = tiny_cascade(box_detections_per_img=5).eval()
     outputs = []

@@ -173,6 +173,19 @@ def test_unknown_framework_is_refused():
         DetectionTask(3, framework="detr", backbone="custom", backbone_kwargs=BACKBONE, **HEADS)
     with pytest.raises(ValueError, match="'retinanet' has no mask branch"):
         DetectionTask(3, framework="retinanet", backbone="custom", backbone_kwargs=BACKBONE, **HEADS)
+    with pytest.raises(ValueError, match="model.class_weights weights a softmax classifier"):
+        DetectionTask(3, framework="fcos", masks=False, class_weights=[1, 2, 3], backbone="custom",
+                      backbone_kwargs=BACKBONE, **HEADS)  # fmt: skip
+
+
+@pytest.mark.parametrize("framework", ["mask_rcnn", "cascade_mask_rcnn"])
+def test_class_weights_reach_the_heads_of_both_rcnn_frameworks(framework):
+    task = DetectionTask(3, framework=framework, class_weights=[1, 2, 3], backbone="custom", backbone_kwargs=BACKBONE,
+                         **HEADS)  # fmt: skip
+    torch.testing.assert_close(task.model.roi_heads.class_weight, torch.tensor([1.0, 1.0, 2.0, 3.0]))
+    assert "class_weight" not in "".join(task.state_dict())
+    with pytest.raises(ValueError, match="class_weights needs 3 non-negative weights"):
+        DetectionTask(3, framework=framework, class_weights=[1, 2], backbone="custom", backbone_kwargs=BACKBONE, **HEADS)
 
 
 def test_checkpoint_of_other_category_ids_is_refused(run, fitted, tree, monkeypatch):

@@ -23,7 +23,7 @@ trainer's ``sync_batchnorm`` turns the box heads' BatchNorms into SyncBatchNorm 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, batched_nms, box_iou, clip_boxes_to_image, generalized_box_iou_loss
 from torchvision.ops import remove_small_boxes
 
+from swin.models.losses import class_weight_tensor
 from swin.models.detector import IMAGENET_MEAN, IMAGENET_STD, SwinFPN, mask_branch, pyramid_anchors
 from swin.models.swin import SwinTransformer
 
@@ -120,6 +121,7 @@ class CascadeRoIHeads(nn.Module):
         box_loss_weight: weight of the GIoU loss.
         score_thresh, nms_thresh, detections_per_img: test-time filtering (per-class NMS).
         score_mode: "logits": softmax of the stages' mean logits (mmdet); "probs": mean of the stages' softmaxes.
+        class_weight: cross-entropy weight of the background and each class (K + 1); None: unweighted.
     """
 
     def __init__(
@@ -136,6 +138,7 @@ class CascadeRoIHeads(nn.Module):
         nms_thresh: float = 0.5,
         detections_per_img: int = 100,
         score_mode: ScoreMode = "logits",
+        class_weight: Tensor | None = None,
     ) -> None:
         super().__init__()
         if len(stage_loss_weights) != len(stages):
@@ -155,6 +158,7 @@ class CascadeRoIHeads(nn.Module):
         self.nms_thresh = nms_thresh
         self.detections_per_img = detections_per_img
         self.score_mode = score_mode
+        self.register_buffer("class_weight", class_weight, persistent=False)  # not in checkpoints
 
     @property
     def has_mask(self) -> bool:
@@ -204,7 +208,8 @@ class CascadeRoIHeads(nn.Module):
         pos = labels > 0
         decoded = stage.decode(deltas[pos], boxes[pos], labels[pos])
         giou = generalized_box_iou_loss(decoded, gt[pos].to(decoded.dtype), reduction="sum")
-        losses = {"loss_cls": F.cross_entropy(logits, labels), "loss_box": self.box_loss_weight * giou / len(labels)}
+        weight = None if self.class_weight is None else self.class_weight.to(logits.dtype)
+        losses = {"loss_cls": F.cross_entropy(logits, labels, weight=weight), "loss_box": self.box_loss_weight * giou / len(labels)}
         if self.has_mask:
             positives = [torch.where(lab > 0)[0] for lab in samples["labels"]]
             pos_boxes = [b[p] for b, p in zip(samples["boxes"], positives)]
@@ -330,6 +335,7 @@ def build_cascade(
     box_detections_per_img: int = 100,
     box_batch_size_per_image: int = 512,
     box_positive_fraction: float = 0.25,
+    class_weights: Sequence[float] | None = None,
 ) -> CascadeRCNN:
     """Cascade Mask R-CNN (``masks=True``) or Cascade R-CNN on ``backbone`` + FPN, the official Swin recipe's heads.
 
@@ -345,6 +351,8 @@ def build_cascade(
         box_loss_weight: weight of the GIoU loss on the decoded boxes.
         score_mode: "logits" (mmdet: softmax of the mean logits) or "probs" (mean of the stages' softmaxes).
         sampling_ratio: RoIAlign samples per bin (0: adaptive, as mmdet's config).
+        class_weights: weight of each class (K values; the background keeps 1) in every stage's classification
+            cross-entropy; None: unweighted, as the recipe.
     """
     if not len(stage_ious) == len(stage_stds) == len(stage_loss_weights):
         raise ValueError(
@@ -386,6 +394,7 @@ def build_cascade(
         nms_thresh=box_nms_thresh,
         detections_per_img=box_detections_per_img,
         score_mode=score_mode,
+        class_weight=class_weight_tensor(class_weights, num_classes, background=True),
     )
     transform = GeneralizedRCNNTransform(
         min_size, max_size, list(image_mean), list(image_std), _skip_resize=not train_resize

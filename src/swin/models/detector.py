@@ -16,18 +16,22 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN, MaskRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import ExtraFPNBlock, LastLevelMaxPool, LastLevelP6P7
 
+from swin.models.losses import class_weight_tensor
 from swin.models.swin import SwinTransformer
 
-__all__ = ["SwinFPN", "build_detector", "pyramid_anchors", "IMAGENET_MEAN", "IMAGENET_STD"]
+__all__ = ["SwinFPN", "WeightedRoIHeads", "build_detector", "pyramid_anchors", "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -57,6 +61,47 @@ class SwinFPN(nn.Module):
 
     def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
         return self.fpn(OrderedDict(zip(self.feature_names, self.body.forward_features(x))))
+
+
+class WeightedRoIHeads(RoIHeads):
+    """torchvision's RoI heads, the same parts and settings as ``heads``, with a class-weighted classifier loss.
+
+    ``loss_classifier`` is the cross-entropy of the sampled RoIs weighted per class (``class_weight``: background
+    first, then the K classes), a weighted mean as ``F.cross_entropy(weight=...)``; with all weights equal it is
+    torchvision's loss. torchvision computes that loss in a module-level function, so the logits are taken from the
+    box predictor and the sampled labels from :meth:`select_training_samples`.
+    """
+
+    def __init__(self, heads: RoIHeads, class_weight: Tensor) -> None:
+        super().__init__(
+            heads.box_roi_pool, heads.box_head, heads.box_predictor,
+            heads.proposal_matcher.high_threshold, heads.proposal_matcher.low_threshold,
+            heads.fg_bg_sampler.batch_size_per_image, heads.fg_bg_sampler.positive_fraction, heads.box_coder.weights,
+            heads.score_thresh, heads.nms_thresh, heads.detections_per_img,
+            heads.mask_roi_pool, heads.mask_head, heads.mask_predictor,
+            heads.keypoint_roi_pool, heads.keypoint_head, heads.keypoint_predictor,
+        )  # fmt: skip
+        self.box_coder.bbox_xform_clip = heads.box_coder.bbox_xform_clip
+        self.register_buffer("class_weight", class_weight.float(), persistent=False)  # not in checkpoints
+        self._sampled_labels: list[Tensor] = []
+
+    def select_training_samples(self, proposals, targets):  # noqa: ANN001, ANN201 (torchvision's signature)
+        sampled = super().select_training_samples(proposals, targets)
+        self._sampled_labels = sampled[2]
+        return sampled
+
+    def forward(self, features, proposals, image_shapes, targets=None):  # noqa: ANN001, ANN201
+        logits: list[Tensor] = []
+        hook = self.box_predictor.register_forward_hook(lambda module, args, out: logits.append(out[0]))
+        try:
+            result, losses = super().forward(features, proposals, image_shapes, targets)
+        finally:
+            hook.remove()
+        if self.training:
+            labels, self._sampled_labels = torch.cat(self._sampled_labels), []
+            weight = self.class_weight.to(logits[0].dtype)
+            losses["loss_classifier"] = F.cross_entropy(logits[0], labels, weight=weight)
+        return result, losses
 
 
 def pyramid_anchors(neck: SwinFPN, anchor_sizes: Sequence[int], aspect_ratios: Sequence[float]) -> AnchorGenerator:
@@ -90,6 +135,7 @@ def build_detector(
     image_mean: Sequence[float] = IMAGENET_MEAN,
     image_std: Sequence[float] = IMAGENET_STD,
     train_resize: bool = True,
+    class_weights: Sequence[float] | None = None,
     **kwargs: Any,
 ) -> FasterRCNN:
     """Mask R-CNN (``masks=True``) or Faster R-CNN on ``backbone`` + FPN.
@@ -108,6 +154,8 @@ def build_detector(
         image_mean: normalisation mean of the [0, 1] images.
         image_std: normalisation standard deviation.
         train_resize: let the transform resize training images as well (False: they arrive resized).
+        class_weights: weight of each class (K values; the background keeps 1) in the classifier's cross-entropy
+            (:class:`WeightedRoIHeads`); None: torchvision's unweighted loss, as the recipe.
         **kwargs: further torchvision ``FasterRCNN`` / ``MaskRCNN`` options (``box_detections_per_img``,
             ``rpn_post_nms_top_n_train``, ``box_batch_size_per_image``, ...).
     """
@@ -126,11 +174,16 @@ def build_detector(
         _skip_resize=not train_resize,
         **kwargs,
     )
+    weight = class_weight_tensor(class_weights, num_classes, background=True)
     if not masks:
-        return FasterRCNN(neck, **options)
-    return MaskRCNN(
-        neck,
-        mask_roi_pool=MultiScaleRoIAlign(neck.feature_names, output_size=14, sampling_ratio=2),
-        **mask_branch(fpn_channels, mask_channels, num_classes),
-        **options,
-    )
+        detector = FasterRCNN(neck, **options)
+    else:
+        detector = MaskRCNN(
+            neck,
+            mask_roi_pool=MultiScaleRoIAlign(neck.feature_names, output_size=14, sampling_ratio=2),
+            **mask_branch(fpn_channels, mask_channels, num_classes),
+            **options,
+        )
+    if weight is not None:
+        detector.roi_heads = WeightedRoIHeads(detector.roi_heads, weight)
+    return detector

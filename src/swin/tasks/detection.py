@@ -123,6 +123,9 @@ class DetectionTask(BaseTask):
         max_size: longest side of that resize (1333).
         detector_kwargs: further options of the framework's builder (``box_detections_per_img``, ...; for the
             cascade also ``stage_ious``, ``stage_loss_weights``, ``score_mode``, ...).
+        class_weights: weight of each class (one per class, in label order; the background keeps 1) in the box
+            classifier's cross-entropy, for small or imbalanced datasets (R-CNN frameworks; None: unweighted, as
+            the recipe).
         backbone, backbone_kwargs, pretrained, lr, ...: see :class:`~swin.tasks.base.BaseTask`; the defaults here
             are the paper's COCO recipe: AdamW 1e-4 per 16 images, weight decay 0.05, 500 warm-up iterations from
             0.001×, ×0.1 at epochs 8 and 11.
@@ -147,6 +150,7 @@ class DetectionTask(BaseTask):
         min_size: int = 800,
         max_size: int = 1333,
         detector_kwargs: dict[str, Any] | None = None,
+        class_weights: list[float] | None = None,
         lr: float = 1e-4,
         lr_batch_size: int | None = 16,
         weight_decay: float = 0.05,
@@ -160,6 +164,11 @@ class DetectionTask(BaseTask):
             raise ValueError(f"framework must be one of {', '.join(FRAMEWORKS)}, got {framework!r}")
         if masks and framework not in TWO_STAGE:
             raise ValueError(f"framework {framework!r} has no mask branch: set masks: false")
+        if class_weights is not None and framework not in TWO_STAGE:
+            raise ValueError(
+                f"model.class_weights weights a softmax classifier (mask_rcnn, cascade_mask_rcnn); framework "
+                f"{framework!r} scores classes with a sigmoid focal loss: leave class_weights unset"
+            )
         super().__init__(
             lr=lr,
             lr_batch_size=lr_batch_size,
@@ -177,6 +186,7 @@ class DetectionTask(BaseTask):
         options = dict(fpn_channels=hp.fpn_channels, min_size=hp.min_size, max_size=hp.max_size, train_resize=False)
         if two_stage:
             options.update(masks=hp.masks, representation_size=hp.representation_size, mask_channels=hp.mask_channels)
+            options["class_weights"] = hp.class_weights
         if hp.framework != "fcos":
             options["aspect_ratios"] = hp.aspect_ratios
         if hp.anchor_sizes is not None:

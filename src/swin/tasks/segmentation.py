@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Literal
 
-import torch
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
 
 from swin.models import build_upernet
+from swin.models.losses import class_weight_tensor
 from swin.tasks.base import BaseTask, Schedule
 
 __all__ = ["SegmentationTask"]
@@ -109,14 +109,7 @@ class SegmentationTask(BaseTask):
 
     def configure_losses(self) -> None:
         hp = self.hparams
-        weight = None
-        if hp.class_weights is not None:
-            if len(hp.class_weights) != hp.num_classes or min(hp.class_weights) < 0:
-                raise ValueError(
-                    f"model.class_weights needs {hp.num_classes} non-negative weights (one per class), "
-                    f"got {len(hp.class_weights)}: {list(hp.class_weights)}"
-                )
-            weight = torch.tensor(hp.class_weights, dtype=torch.float32)
+        weight = class_weight_tensor(hp.class_weights, hp.num_classes, name="model.class_weights")
         self.criterion = nn.CrossEntropyLoss(weight=weight, ignore_index=hp.ignore_index, reduction="sum")
 
     def configure_metrics(self) -> None:
