@@ -61,10 +61,12 @@ def test_custom_op_values_and_gradients_equal_f_linear(dtype, bias, strided, gel
             torch.testing.assert_close(got.grad, want.grad, **TOL[dtype])
 
 
+@pytest.mark.parametrize("onednn", [False, True])
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_layer_equals_nn_linear_in_training_and_in_packed_inference(dtype, gelu):
+def test_linear_layer_equals_nn_linear_in_training_and_in_packed_inference(dtype, gelu, onednn):
     fast = ops.Linear(24, 40).to(dtype)
+    fast.onednn = onednn
     plain = torch.nn.Linear(24, 40).to(dtype)
     plain.load_state_dict(fast.state_dict())
     x = torch.randn(3, 7, 24).to(dtype)
@@ -75,15 +77,18 @@ def test_linear_layer_equals_nn_linear_in_training_and_in_packed_inference(dtype
     torch.testing.assert_close(fast.bias.grad, plain.bias.grad, **TOL[dtype])
     with torch.no_grad():
         first = fast(x, gelu=gelu)
-        assert fast._packed is not None  # weights packed once for inference
+        assert fast._packed is not None  # weights cast once for inference, and packed on the oneDNN path
+        assert (fast._packed[3] is not None) == onednn
         torch.testing.assert_close(first, act(plain(x)), **TOL[dtype])
         fast.weight.add_(1.0)  # a changed parameter invalidates the packed copy
         plain.weight.add_(1.0)
         torch.testing.assert_close(fast(x, gelu=gelu), act(plain(x)), **TOL[dtype])
 
 
-def test_linear_follows_cpu_autocast():
+@pytest.mark.parametrize("onednn", [False, True])
+def test_linear_follows_cpu_autocast(onednn):
     layer = ops.Linear(16, 8)
+    layer.onednn = onednn
     x = torch.randn(4, 16)
     with torch.autocast("cpu", torch.bfloat16):
         y = layer(x)
@@ -124,8 +129,16 @@ def test_run_in_pieces_equals_one_piece():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The kernel choice: timed once per shape, cached per machine, forced by SWIN_KERNELS
+# The kernel choice: one path per model, timed once per input kind, cached per machine, forced by SWIN_KERNELS
 # ---------------------------------------------------------------------------------------------------------------
+
+TINY = dict(embed_dim=16, depths=(1, 1), num_heads=(1, 2), window_size=4, num_classes=3)
+
+
+def tiny_swin():
+    from swin.models import build_swin
+
+    return build_swin("custom", **TINY)
 
 
 @pytest.fixture
@@ -142,84 +155,95 @@ def kernel_cache(tmp_path, monkeypatch):
 
 def _fake_timings(monkeypatch, aten_s: float, onednn_s: float) -> list:
     timed = []
-    monkeypatch.setattr(ops, "_time_kernels", lambda *a: timed.append(a[0].shape) or (aten_s, onednn_s))
+    monkeypatch.setattr(ops, "_time_model", lambda model, fn, x, grad: timed.append(grad) or (aten_s, onednn_s))
     return timed
+
+
+def _paths(model) -> set[bool]:
+    return {m.onednn for m in model.modules() if isinstance(m, ops.Linear)}
 
 
 @pytest.mark.parametrize("grad", [False, True])
 @pytest.mark.parametrize("aten_s,onednn_s,chosen", [(1.0, 0.5, "onednn"), (1.0, 0.97, "aten"), (0.5, 1.0, "aten")])
-def test_the_faster_kernel_is_chosen_with_a_margin_and_remembered(kernel_cache, monkeypatch, aten_s, onednn_s,
-                                                                 chosen, grad):
+def test_one_path_for_the_whole_model_chosen_with_a_margin_and_remembered(kernel_cache, monkeypatch, aten_s,
+                                                                         onednn_s, chosen, grad):
     path, calls = kernel_cache
     timed = _fake_timings(monkeypatch, aten_s, onednn_s)
-    layer = ops.Linear(24, 40)
-    x = torch.randn(3, 7, 24, requires_grad=grad)
+    model = tiny_swin().train(grad)
+    x = torch.randn(2, 3, 32, 32)
     with torch.set_grad_enabled(grad):
         for _ in range(3):
-            out = layer(x, gelu=True)
-    torch.testing.assert_close(out, F.gelu(F.linear(x, layer.weight, layer.bias)), **TOL[torch.float32])
-    assert len(timed) == 1  # timed once for this shape, then taken from the cache
+            model(x)
+    assert timed == [grad]  # timed once for this model and input kind, then taken from the cache
+    assert _paths(model) == {chosen == "onednn"}  # every linear layer on the one path
     assert bool(calls) == (chosen == "onednn")
-    assert (layer._packed is not None and layer._packed[3] is not None) == (chosen == "onednn" and not grad)
     (key, value), = json.loads(path.read_text())[ops._machine()].items()
-    assert value == (chosen == "onednn") and key.startswith("train" if grad else "infer+gelu") and "24->40" in key
-    # a new process (cache reloaded from the file) takes the same kernel without timing again
+    assert value == (chosen == "onednn") and key.startswith("train" if grad else "infer")
+    assert "SwinTransformer" in key and "tokens~2048" in key  # 2 images of 32 x 32
+    # a new process (cache reloaded from the file) takes the same path without timing again
     monkeypatch.setattr(ops, "_cache_loaded", None)
-    monkeypatch.setattr(ops, "_time_kernels", lambda *a: pytest.fail("timed again despite the cache file"))
+    monkeypatch.setattr(ops, "_time_model", lambda *a: pytest.fail("timed again despite the cache file"))
     assert ops.kernel_choices() == {key: chosen}
+    with torch.set_grad_enabled(grad):
+        tiny_swin().train(grad)(x)
 
 
 @pytest.mark.parametrize("mode", ["aten", "onednn"])
 def test_swin_kernels_forces_a_path_without_timing(kernel_cache, monkeypatch, mode):
     _, calls = kernel_cache
     monkeypatch.setenv("SWIN_KERNELS", mode)
-    monkeypatch.setattr(ops, "_time_kernels", lambda *a: pytest.fail("timed although the path is forced"))
-    x = torch.randn(4, 24)
-    ops.linear(x, torch.randn(40, 24))
+    monkeypatch.setattr(ops, "_time_model", lambda *a: pytest.fail("timed although the path is forced"))
+    with torch.no_grad():
+        tiny_swin().eval()(torch.randn(1, 3, 32, 32))
     assert bool(calls) == (mode == "onednn")
     monkeypatch.setenv("SWIN_KERNELS", "mkl")
     with pytest.raises(ValueError, match="SWIN_KERNELS='mkl'"):
-        ops.linear(x, torch.randn(40, 24))
+        ops.linear(torch.randn(4, 24), torch.randn(40, 24))
 
 
-def test_a_piece_takes_the_kernel_of_the_whole_map(kernel_cache, monkeypatch):
-    _fake_timings(monkeypatch, 1.0, 0.5)
-    weight = torch.randn(40, 24)
-    whole = ops._choice_key(torch.randn(512, 24), weight, None, False, False)
-    with ops._as_part(8, 1):
-        piece = ops._choice_key(torch.randn(64, 24), weight, None, False, False)
-    assert piece == whole and "rows~512" in whole and "nobias" in whole
-
-
-def test_timing_measures_both_kernels_on_the_inputs():
+def test_timing_runs_both_paths_and_leaves_gradients_and_the_random_stream_alone(kernel_cache):
+    """Dropout and drop path draw from the global stream: a run that times must draw what a run reading the cache
+    draws; and the timed backward must not add to the parameters' gradients."""
+    _, calls = kernel_cache
+    model = build_dropping_swin()
+    x = torch.randn(2, 3, 32, 32)
     for grad in (False, True):
-        aten_s, onednn_s = ops._time_kernels(torch.randn(64, 24), torch.randn(40, 24), torch.randn(40), True, grad)
-        assert 0 < aten_s < 1 and 0 < onednn_s < 1
+        state = torch.get_rng_state()
+        with torch.set_grad_enabled(grad):
+            aten_s, onednn_s = ops._time_model(model, model._logits, x, grad)
+        assert 0 < aten_s < 10 and 0 < onednn_s < 10 and calls
+        assert torch.equal(torch.get_rng_state(), state)
+        assert all(p.grad is None for p in model.parameters())
+
+
+def build_dropping_swin():
+    from swin.models import build_swin
+
+    return build_swin("custom", **TINY, drop_rate=0.1, drop_path_rate=0.2).train()
 
 
 def test_an_unreadable_cache_file_is_reported_and_replaced(kernel_cache, monkeypatch):
     path, _ = kernel_cache
     path.write_text("{not json")
     _fake_timings(monkeypatch, 1.0, 0.5)
-    with pytest.warns(UserWarning, match="kernels.json is unreadable"):
-        ops.linear(torch.randn(4, 24), torch.randn(40, 24))
+    with pytest.warns(UserWarning, match="kernels.json is unreadable"), torch.no_grad():
+        tiny_swin().eval()(torch.randn(1, 3, 32, 32))
     assert json.loads(path.read_text())[ops._machine()]
 
 
-def test_a_choice_another_process_wrote_meanwhile_is_taken(kernel_cache, monkeypatch):
+def test_a_choice_another_process_wrote_meanwhile_is_taken(kernel_cache, monkeypatch, tmp_path):
     path, calls = kernel_cache
-    x, weight = torch.randn(4, 24), torch.randn(40, 24)
+    x = torch.randn(1, 3, 32, 32)
+    monkeypatch.setenv("SWIN_KERNEL_CACHE", str(tmp_path / "elsewhere.json"))
+    _fake_timings(monkeypatch, 0.5, 1.0)
+    with torch.no_grad():
+        tiny_swin().eval()(x)
+    (key,) = ops.kernel_choices()  # the key this model and input take, ATen chosen
+    monkeypatch.setenv("SWIN_KERNEL_CACHE", str(path))
     assert ops.kernel_choices() == {}  # this process has read the (empty) cache
-    key = ops._choice_key(x, weight, None, False, False)
     path.write_text(json.dumps({ops._machine(): {key: True}}))  # e.g. DDP rank 0, while rank 1 was busy
-    monkeypatch.setattr(ops, "_time_kernels", lambda *a: pytest.fail("timed although the choice was on file"))
-    ops.linear(x, weight)
+    monkeypatch.setattr(ops, "_time_model", lambda *a: pytest.fail("timed although the choice was on file"))
+    calls.clear()
+    with torch.no_grad():
+        tiny_swin().eval()(x)
     assert calls and ops.kernel_choices() == {key: "onednn"}
-
-
-def test_timing_leaves_the_global_random_stream_alone():
-    """Dropout and drop path draw from it: a run that times a shape must draw what a run reading the cache draws."""
-    x, weight = torch.randn(64, 24), torch.randn(40, 24)
-    state = torch.get_rng_state()
-    ops._time_kernels(x, weight, None, False, True)
-    assert torch.equal(torch.get_rng_state(), state)

@@ -7,6 +7,7 @@ import torchvision
 
 from swin.models import build_swin, count_flops, swin_t
 import swin.models.swin as swin_module
+from swin.models.ops import Linear
 from swin.models.swin import SwinBlock, shift_mask, window_geometry, window_partition
 from swin.models.weights import load_pretrained
 
@@ -161,9 +162,8 @@ def test_sdpa_equals_explicit_softmax():
             assert _max_diff(a, b) <= 1e-5
 
 
-# bf16 on the timed choice is left out: where ATen's bf16 GEMM is chosen it rounds by the row count beyond bf16's own
-# precision (a fresh-clone run failed there); that a piece takes the whole map's kernel is tested in test_ops.py
-@pytest.mark.parametrize("kernels,autocast", [("onednn", False), ("onednn", True), ("auto", False)])
+# bf16 on ATen's path is left out: ATen's bf16 GEMM rounds by the row count beyond bf16's own precision
+@pytest.mark.parametrize("kernels,autocast", [("onednn", False), ("onednn", True), ("aten", False), ("auto", False)])
 @pytest.mark.parametrize("size", [(112, 224), (97, 131)])  # unpadded stages 1-3; every stage padded, odd sizes
 def test_inference_in_pieces_equals_the_whole_map(kernels, autocast, size, monkeypatch):
     monkeypatch.setenv("SWIN_KERNELS", kernels)
@@ -178,11 +178,13 @@ def test_inference_in_pieces_equals_the_whole_map(kernels, autocast, size, monke
     with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
         expected, got = [*whole.forward_features(x), whole(x)], [*pieces.forward_features(x), pieces(x)]
     assert len(calls) == 2 * 12  # every block, twice
+    paths = [{m.onednn for m in model.modules() if isinstance(m, Linear)} for model in (whole, pieces)]
+    assert paths[0] == paths[1] and len(paths[0]) == 1  # one timed choice per architecture: the same path
     for a, b in zip(expected, got):
         assert a.shape == b.shape and a.dtype == b.dtype and b.is_contiguous()
         if not autocast and kernels == "onednn":  # fp32: oneDNN's kernels on the same windows, bitwise equal
             assert torch.equal(a, b), _max_diff(a, b)
-        elif not autocast:  # a piece takes the whole map's kernel; ATen's BLAS may block rows differently
+        elif not autocast:  # the same kernels; ATen's BLAS may block rows differently
             error = ((a - b).norm() / a.norm()).item()
             assert error <= 1e-6, error
         else:  # bf16: bitwise on AMD EPYC; on Intel Xeon (AMX) oneDNN's bf16 GEMMs round by the row count (0.5 %)

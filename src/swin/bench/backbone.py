@@ -153,7 +153,7 @@ class OrtModel(nn.Module):
 
 class ForcedKernels(nn.Module):
     """Our model with its linear layers on one kernel path (:func:`swin.models.ops.use_kernels`): the two sides of
-    the per-shape timed choice that ``ours`` makes on this machine."""
+    the timed choice that ``ours`` makes for the whole model on this machine."""
 
     def __init__(self, model: nn.Module, kernels: str):
         super().__init__()
@@ -164,7 +164,7 @@ class ForcedKernels(nn.Module):
             return self.model(x)
 
 
-# opt-in peers: ours with every linear layer forced onto oneDNN or onto ATen (``ours`` chooses per shape)
+# opt-in peers: ours with every linear layer forced onto oneDNN or onto ATen (``ours`` times both and takes one)
 KERNEL_PEERS = {"ours-onednn": "onednn", "ours-aten": "aten"}
 
 # onnxruntime rows: opt-in peers (each export takes minutes for Swin-T), timed in the infer fp32 eager CPU case only

@@ -7,9 +7,10 @@ embedding and patch merging a band of rows at a time, so that intermediates stay
 stays flat as images grow.
 
 When they are active: oneDNN only for CPU tensors, outside tracing, ``torch.export`` and ONNX export (which see
-plain ``F.linear``), and only where it is faster on this machine: the first time a linear layer of a given shape runs
-(inference or training, dtype, rows rounded to a power of two, thread count), both kernels are timed on its own
-inputs and oneDNN is kept only if it is at least 5 % faster than ATen's. The choices are cached for the process and in
+plain ``F.linear``), and only where it is faster on this machine, one path for a whole model (:func:`choose_kernels`):
+the first time a model of an architecture runs (inference or training, dtype, input tokens rounded to a power of
+two, thread count), its forward (and backward) is timed with every linear on ATen's kernels and on oneDNN's, and
+oneDNN is kept only if it is at least 5 % faster. The choices are cached for the process and in
 ``~/.cache/swin/kernels.json`` per CPU model and torch version, so that later runs (a resumed one too) take the same
 kernels. ``SWIN_KERNELS=aten|onednn`` forces one path (default ``auto``); ``SWIN_KERNEL_CACHE=PATH`` moves the cache
 file, ``SWIN_KERNEL_CACHE=`` keeps it in memory only. Pieces and bands only for CPU inference (eval mode, no
@@ -22,8 +23,8 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import json
-import math
 import os
 import platform
 import time
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "Linear", "linear", "gather_tokens", "in_pieces", "in_bands", "run_in_pieces", "exporting", "kernel_mode",
-    "kernel_choices", "use_kernels",
+    "kernel_choices", "use_kernels", "choose_kernels",
 ]
 
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
@@ -55,16 +56,16 @@ def _use_onednn(x: Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Which kernel a linear layer takes on this machine: timed once per shape, cached
+# Which kernel path a model's linear layers take on this machine: timed once per model and input kind, cached
 # ---------------------------------------------------------------------------------------------------------------
 
 KERNEL_MODES = ("auto", "onednn", "aten")
-_TIMING = 2  # how the kernels are timed: a change here invalidates the cached choices
+_TIMING = 3  # how the kernels are timed: a change here invalidates the cached choices
 _MARGIN = 0.95  # oneDNN must take at most 95 % of ATen's time to be chosen
 _choices: dict[str, bool] = {}  # choice key -> use oneDNN (this process, merged with the cache file's)
 _cache_loaded: tuple | None = None  # (SWIN_KERNEL_CACHE,) that _choices was filled from
-_part_of: tuple[int, int] | None = None  # (whole, part): the call is part of a larger one (piecewise execution)
 _forced: str | None = None  # set by use_kernels()
+_timing = False  # a model is being timed: its forwards inside take the path set on its layers
 
 
 def kernel_mode() -> str:
@@ -138,7 +139,7 @@ def _load_cache() -> None:
 @contextlib.contextmanager
 def _cache_locked() -> Iterator[Path | None]:
     """The cache file, locked against the other processes of this machine (DDP ranks, a resumed run) while one
-    process times a shape: the first choice written is the one every process takes."""
+    process times a model: the first choice written is the one every process takes."""
     path = _cache_file()
     if path is None:
         yield None
@@ -155,13 +156,14 @@ def _cache_locked() -> Iterator[Path | None]:
         yield path
 
 
-def _decide(key: str, x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool, grad: bool) -> bool:
-    """The choice another process wrote meanwhile, else time both kernels and write this one's."""
+def _decide(key: str, time_paths: Callable[[], tuple[float, float]]) -> bool:
+    """The choice another process wrote meanwhile, else time both paths (``time_paths``: ATen's and oneDNN's
+    seconds) and write this one's."""
     with _cache_locked() as path:
         data = _read_cache(path) if path is not None else {}
         fast = data.get(_machine(), {}).get(key)
         if fast is None:
-            aten_s, onednn_s = _time_kernels(x, weight, bias, gelu, grad)
+            aten_s, onednn_s = time_paths()
             fast = onednn_s < _MARGIN * aten_s
             if path is not None:
                 from swin.files import atomic_write
@@ -175,86 +177,93 @@ def _decide(key: str, x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool
     return fast
 
 
-@contextlib.contextmanager
-def _as_part(whole: int, part: int) -> Iterator[None]:
-    """Linear layers called inside see their rows as ``whole / part`` times more: a piece of a larger map takes the
-    kernel the whole map takes (so piecewise inference stays bitwise equal to the whole-map path)."""
-    global _part_of
-    outer, _part_of = _part_of, (whole, part)
-    try:
-        yield
-    finally:
-        _part_of = outer
+def _set_path(model: nn.Module, onednn: bool) -> None:
+    """Every :class:`Linear` of ``model`` on oneDNN's kernels (True) or ATen's (False)."""
+    for m in model.modules():
+        if isinstance(m, Linear):
+            m.onednn = onednn
 
 
-def _choice_key(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool, grad: bool) -> str:
-    rows = x.numel() // max(x.shape[-1], 1)
-    if _part_of is not None:
-        rows = rows * _part_of[0] // max(_part_of[1], 1)
-    bucket = 1 << max(0, rows.bit_length() - 1)  # the power of two at or below
-    kind = "train" if grad else ("infer+gelu" if gelu else "infer")
-    return (f"{kind} {str(x.dtype).removeprefix('torch.')} rows~{bucket} {weight.shape[1]}->{weight.shape[0]}"
-            f"{'' if bias is not None else ' nobias'} threads={torch.get_num_threads()}")
+def _signature(model: nn.Module) -> str:
+    """The model's class and its linear layers' shapes, in short: one choice per architecture."""
+    shapes = [tuple(m.weight.shape) + (m.bias is not None,) for m in model.modules() if isinstance(m, Linear)]
+    digest = hashlib.sha1(repr(shapes).encode()).hexdigest()[:10]
+    return f"{type(model).__name__} {len(shapes)} linears {digest}"
 
 
-def _best_seconds(fn: Callable[[], object]) -> float:
-    """The least time of 3 samples of ``fn`` (each sample repeated to take about 2 ms)."""
-    fn()
-    start = time.perf_counter()
-    fn()
-    n = max(1, min(50, math.ceil(2e-3 / max(time.perf_counter() - start, 1e-7))))
-    best = math.inf
-    for _ in range(3):
+def _sharded(model: nn.Module) -> bool:
+    """Whether FSDP wraps parts of ``model``: its forward and backward drive collectives and its own state machine,
+    which an extra timed forward and backward inside the step would upset."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in model.modules())
+
+
+def _time_model(model: nn.Module, forward: Callable[[Tensor], object], x: Tensor, grad: bool) -> tuple[float, float]:
+    """Seconds of ``forward(x)`` (and its backward when ``grad``: gradients returned, not accumulated) with every
+    linear on ATen's and on oneDNN's kernels: after a warm-up of each, the least of two alternating samples."""
+    global _timing
+    inputs = [t for t in (x, *model.parameters()) if t.requires_grad] if grad else []
+
+    def run() -> float:
         start = time.perf_counter()
-        for _ in range(n):
-            fn()
-        best = min(best, (time.perf_counter() - start) / n)
-    return best
+        out = forward(x)
+        if inputs:
+            outs = [out] if isinstance(out, Tensor) else list(out)
+            torch.autograd.grad([o.float().sum() for o in outs], inputs, allow_unused=True)
+        return time.perf_counter() - start
+
+    times: dict[bool, list[float]] = {False: [], True: []}
+    # its own random stream: dropout and drop path draw from the global one, which a timing must not shift
+    with torch.random.fork_rng(devices=[]):
+        _timing = True
+        try:
+            for onednn in (False, True, True, False, False, True):
+                _set_path(model, onednn)
+                times[onednn].append(run())
+        finally:
+            _timing = False
+    return min(times[False][1:]), min(times[True][1:])
 
 
-def _time_kernels(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool, grad: bool) -> tuple[float, float]:
-    """Seconds per call of ATen's and oneDNN's kernel on these inputs as the layers run them: without autograd the
-    GELU fused and the weight packed for oneDNN, with autograd forward and backward."""
-    x, weight = x.detach().reshape(-1, x.shape[-1]), weight.detach()
-    bias = bias.detach() if bias is not None else None
+def choose_kernels(model: nn.Module, x: Tensor, forward: Callable[[Tensor], object]) -> None:
+    """Put ``model``'s linear layers on the faster kernel path for this call, one path for the whole model.
 
-    def aten() -> Tensor:
-        y = F.linear(x, weight, bias)
-        return F.gelu(y) if gelu else y
-
-    packed = weight if grad else torch.ops.mkldnn._reorder_linear_weight(weight, x.shape[0])  # as Linear packs it
-
-    def onednn() -> Tensor:
-        return _onednn_linear(x, packed, bias, gelu)
-
-    candidates = {"aten": aten, "onednn": onednn}
-    if grad:
-        x, weight = x.clone().requires_grad_(), weight.clone().requires_grad_()
-        # a generator of its own: the global one drives dropout and drop path, which a timing must not shift
-        upstream = torch.randn(x.shape[0], weight.shape[0], generator=torch.Generator().manual_seed(0)).to(x.dtype)
-        candidates = {
-            "aten": lambda: torch.autograd.grad(F.linear(x, weight, bias), (x, weight), upstream),
-            "onednn": lambda: torch.autograd.grad(_onednn_linear(x, weight, bias, False), (x, weight), upstream),
-        }
-    with torch.autocast("cpu", enabled=False), torch.set_grad_enabled(grad):
-        times = {name: [] for name in candidates}
-        for order in (("aten", "onednn"), ("onednn", "aten")):  # alternate: neither profits from a warm cache
-            for name in order:
-                times[name].append(_best_seconds(candidates[name]))
-    return min(times["aten"]), min(times["onednn"])
+    The first time a model of this architecture runs on this machine with this kind of input (inference or
+    training, dtype, tokens of the input rounded down to a power of two, thread count), ``forward(x)`` (with its
+    backward in training) is timed with every linear on ATen's kernels and on oneDNN's, and oneDNN is kept only if
+    it takes at most 95 % of ATen's time. One path for all layers: switching kernels between consecutive layers
+    costs time of its own. Nothing is timed for CUDA tensors, while tracing, exporting or compiling, inside FSDP or
+    when ``SWIN_KERNELS`` / :func:`use_kernels` force a path.
+    """
+    if _timing or not _ONEDNN or x.device.type != "cpu" or exporting() or torch.compiler.is_compiling():
+        return
+    if kernel_mode() != "auto":
+        return
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+    if dtype not in _ONEDNN_DTYPES:
+        return
+    grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in model.parameters()))
+    tokens = x.numel() // max(x.shape[1], 1)
+    key = (f"{'train' if grad else 'infer'} {str(dtype).removeprefix('torch.')} {_signature(model)} "
+           f"tokens~{1 << max(0, tokens.bit_length() - 1)} threads={torch.get_num_threads()}")  # fmt: skip
+    _load_cache()
+    onednn = _choices.get(key)
+    if onednn is None:
+        if _sharded(model):
+            return
+        onednn = _decide(key, lambda: _time_model(model, forward, x, grad))
+    _set_path(model, onednn)
 
 
-def _onednn_is_faster(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool, grad: bool) -> bool:
-    """Whether this call takes oneDNN: forced by ``SWIN_KERNELS``, else the timed choice for its shape."""
-    if torch.compiler.is_compiling():  # no look-ups or timing while tracing: oneDNN, opaque to the compiler
+def _take_onednn(onednn: bool) -> bool:
+    """Whether this call takes oneDNN: forced by ``SWIN_KERNELS`` / :func:`use_kernels`, else ``onednn``."""
+    if torch.compiler.is_compiling():  # oneDNN, opaque to the compiler
         return True
     mode = kernel_mode()
-    if mode != "auto":
-        return mode == "onednn"
-    _load_cache()
-    key = _choice_key(x, weight, bias, gelu, grad)
-    fast = _choices.get(key)
-    return _decide(key, x, weight, bias, gelu, grad) if fast is None else fast
+    return onednn if mode == "auto" else mode == "onednn"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -319,20 +328,20 @@ def _onednn_fits(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
     return x.dtype in _ONEDNN_DTYPES and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype)
 
 
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, gelu: bool = False) -> Tensor:
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, gelu: bool = False, onednn: bool = False) -> Tensor:
     """``F.linear``, then exact GELU when ``gelu``; with CPU autocast semantics.
 
-    On CPU in fp32 / bf16 it runs through oneDNN where that is faster for this shape on this machine (up to twice
-    as fast as the default BLAS on some AVX-512 machines, slower on others: see the module's docstring); without
-    autograd the GELU is then fused into the matmul.
+    With ``onednn`` (or ``SWIN_KERNELS=onednn``), on CPU in fp32 / bf16, through oneDNN's kernels (up to twice as fast
+    as the default BLAS on some AVX-512 machines, slower on others: :func:`choose_kernels` picks per machine);
+    without autograd the GELU is then fused into the matmul.
     """
     if _use_onednn(x):
         if torch.is_autocast_enabled("cpu"):
             dtype = torch.get_autocast_dtype("cpu")
             x, weight = x.to(dtype), weight.to(dtype)
             bias = bias.to(dtype) if bias is not None else None
-        grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
-        if _onednn_fits(x, weight, bias) and _onednn_is_faster(x, weight, bias, gelu, grad):
+        if _onednn_fits(x, weight, bias) and _take_onednn(onednn):
+            grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
             if not (gelu and grad):
                 return _onednn_linear(x, weight, bias, gelu)
             return F.gelu(_onednn_linear(x, weight, bias, False))
@@ -341,14 +350,16 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, gelu: bool = F
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` whose forward is :func:`linear` (same parameters, state dict and numerics).
+    """``nn.Linear`` whose forward is :func:`linear` (same parameters, state dict and numerics), on oneDNN's kernels
+    when ``onednn`` is set (by :func:`choose_kernels` for the whole model; ATen's otherwise).
 
-    While autograd is off on CPU it keeps its weights cast (and packed in oneDNN's layout where oneDNN is chosen; one
+    While autograd is off on CPU it keeps its weights cast (and packed in oneDNN's layout on the oneDNN path; one
     copy, rebuilt when a parameter changes, dropped by ``train()``), saving the per-call cast and reorder.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        self.onednn = False
         self._packed: tuple | None = None
 
     def train(self, mode: bool = True) -> Linear:
@@ -370,7 +381,7 @@ class Linear(nn.Linear):
             self._packed = (key, weight.to(dtype), cast_bias, None)
         _, cast_weight, cast_bias, packed = self._packed
         x = x.to(dtype)
-        if not _onednn_is_faster(x, cast_weight, cast_bias, gelu, False):
+        if not _take_onednn(self.onednn):
             return x, cast_weight, cast_bias, False
         if packed is None:
             packed = torch.ops.mkldnn._reorder_linear_weight(cast_weight, x.numel() // x.shape[-1])
@@ -381,7 +392,7 @@ class Linear(nn.Linear):
         """:func:`linear` of ``x``, then exact GELU when ``gelu``."""
         inputs = self._inference_inputs(x, gelu)
         if inputs is None:
-            return linear(x, self.weight, self.bias, gelu=gelu)
+            return linear(x, self.weight, self.bias, gelu=gelu, onednn=self.onednn)
         x, weight, bias, onednn = inputs
         if onednn:
             return _onednn_linear(x, weight, bias, gelu)
@@ -430,8 +441,7 @@ def in_bands(fn: Callable[[Tensor], Tensor], x: Tensor, dim: int, band: int, sca
     rows = x.shape[dim] // scale
     parts = []
     for r in range(0, rows, band):
-        with _as_part(rows, min(band, rows - r)):
-            parts.append(fn(x.narrow(dim, r * scale, min(band, rows - r) * scale)))
+        parts.append(fn(x.narrow(dim, r * scale, min(band, rows - r) * scale)))
     return torch.cat(parts, 1)
 
 
@@ -446,8 +456,7 @@ def run_in_pieces(fn: Callable[[Tensor, slice], Tensor], tokens: Tensor, order: 
     out = None
     for start in range(0, order.numel(), piece):
         index = order[start : start + piece]
-        with _as_part(order.numel(), index.numel()):
-            part = fn(tokens.index_select(1, index), slice(start, start + index.numel()))
+        part = fn(tokens.index_select(1, index), slice(start, start + index.numel()))
         if out is None:
             out = tokens.new_empty(tokens.shape, dtype=part.dtype)
         out.index_copy_(1, index, part)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from torchvision.ops import StochasticDepth
 
-from swin.models.ops import Linear, exporting, gather_tokens, in_bands, in_pieces, run_in_pieces
+from swin.models.ops import Linear, choose_kernels, exporting, gather_tokens, in_bands, in_pieces, run_in_pieces
 
 __all__ = [
     "SwinTransformer",
@@ -672,10 +673,20 @@ class SwinTransformer(nn.Module):
             x = x + pos.view(1, h, w, c)
         return self.pos_drop(x)
 
+    def _on_chosen_kernels(self, x: Tensor, forward: Callable[[Tensor], Any]) -> Any:
+        """``forward(x)`` with the linear layers on the kernel path chosen for this model and input kind
+        (:func:`swin.models.ops.choose_kernels`)."""
+        self._check_input(x)
+        choose_kernels(self, x, forward)
+        return forward(x)
+
     def forward_features(self, x: Tensor) -> list[Tensor]:
         """NCHW maps of the ``out_indices`` stages, each through its own LayerNorm (ceil semantics: stride 4·2^i)."""
         if not self.out_indices:
             raise ValueError("forward_features needs out_indices, e.g. SwinTransformer(out_indices=(0, 1, 2, 3))")
+        return self._on_chosen_kernels(x, self._features)
+
+    def _features(self, x: Tensor) -> list[Tensor]:
         x = self._embed(x)
         outs = []
         last = max(self.out_indices)
@@ -693,6 +704,9 @@ class SwinTransformer(nn.Module):
         """Class logits (pooled features when ``num_classes=0``; the dense maps when ``num_classes=None``)."""
         if self.head is None:
             return self.forward_features(x)
+        return self._on_chosen_kernels(x, self._logits)
+
+    def _logits(self, x: Tensor) -> Tensor:
         x = self._embed(x)
         for stage in self.layers:
             _, x = stage(x)
