@@ -124,6 +124,12 @@ class SwinCLI(LightningCLI):
             for name in kept:
                 model.dict_kwargs.pop(name, None)
 
+    def before_fit(self) -> None:
+        """Gradient checkpointing asks for memory over speed: glibc's malloc then hands each freed buffer back
+        (``SWIN_MALLOC=lean`` unless ``SWIN_MALLOC`` is set; :mod:`swin.allocator`)."""
+        if any(getattr(m, "grad_checkpointing", False) for m in self.model.modules()):
+            rank_zero_info(f"[swin] gradient checkpointing: malloc {tune_malloc('lean')}")
+
     def predict(self, **kwargs: Any) -> Any:
         """``trainer.predict``; with a prediction writer among the callbacks, the predictions are not also returned."""
         if kwargs.get("return_predictions") is None:
