@@ -10,7 +10,7 @@ When they are active: oneDNN only for CPU tensors, outside tracing, ``torch.expo
 plain ``F.linear``), and only where it is faster on this machine, one path for a whole model (:func:`choose_kernels`):
 the first time a model of an architecture runs (inference or training, dtype, input tokens rounded to a power of
 two, thread count), its forward (and backward) is timed with every linear on ATen's kernels and on oneDNN's, and
-oneDNN is kept only if it is at least 5 % faster. The choices are cached for the process and in
+oneDNN is kept only if it is at least 3 % faster. The choices are cached for the process and in
 ``~/.cache/swin/kernels.json`` per CPU model and torch version, so that later runs (a resumed one too) take the same
 kernels. ``SWIN_KERNELS=aten|onednn`` forces one path (default ``auto``); ``SWIN_KERNEL_CACHE=PATH`` moves the cache
 file, ``SWIN_KERNEL_CACHE=`` keeps it in memory only. Pieces and bands only for CPU inference (eval mode, no
@@ -60,8 +60,8 @@ def _use_onednn(x: Tensor) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 KERNEL_MODES = ("auto", "onednn", "aten")
-_TIMING = 3  # how the kernels are timed: a change here invalidates the cached choices
-_MARGIN = 0.95  # oneDNN must take at most 95 % of ATen's time to be chosen
+_TIMING = 4  # how the kernels are timed: a change here invalidates the cached choices
+_MARGIN = 0.97  # oneDNN must take at most 97 % of ATen's time to be chosen
 _choices: dict[str, bool] = {}  # choice key -> use oneDNN (this process, merged with the cache file's)
 _cache_loaded: tuple | None = None  # (SWIN_KERNEL_CACHE,) that _choices was filled from
 _forced: str | None = None  # set by use_kernels()
@@ -203,7 +203,7 @@ def _sharded(model: nn.Module) -> bool:
 
 def _time_model(model: nn.Module, forward: Callable[[Tensor], object], x: Tensor, grad: bool) -> tuple[float, float]:
     """Seconds of ``forward(x)`` (and its backward when ``grad``: gradients returned, not accumulated) with every
-    linear on ATen's and on oneDNN's kernels: after a warm-up of each, the least of two alternating samples."""
+    linear on ATen's and on oneDNN's kernels: after a warm-up of each, the least of three alternating samples."""
     global _timing
     inputs = [t for t in (x, *model.parameters()) if t.requires_grad] if grad else []
 
@@ -220,7 +220,7 @@ def _time_model(model: nn.Module, forward: Callable[[Tensor], object], x: Tensor
     with torch.random.fork_rng(devices=[]):
         _timing = True
         try:
-            for onednn in (False, True, True, False, False, True):
+            for onednn in (False, True, True, False, False, True, True, False):
                 _set_path(model, onednn)
                 times[onednn].append(run())
         finally:
@@ -234,7 +234,7 @@ def choose_kernels(model: nn.Module, x: Tensor, forward: Callable[[Tensor], obje
     The first time a model of this architecture runs on this machine with this kind of input (inference or
     training, dtype, tokens of the input rounded down to a power of two, thread count), ``forward(x)`` (with its
     backward in training) is timed with every linear on ATen's kernels and on oneDNN's, and oneDNN is kept only if
-    it takes at most 95 % of ATen's time. One path for all layers: switching kernels between consecutive layers
+    it takes at most 97 % of ATen's time. One path for all layers: switching kernels between consecutive layers
     costs time of its own. Nothing is timed for CUDA tensors, while tracing, exporting or compiling, inside FSDP or
     when ``SWIN_KERNELS`` / :func:`use_kernels` force a path.
     """
