@@ -154,3 +154,15 @@ def test_dataloader_settings_go_from_the_yaml_to_the_loader(tmp_path):
     assert (loader.prefetch_factor, loader.persistent_workers, loader.pin_memory) == (None, False, True)
     with pytest.raises(ValueError, match="prefetch_factor must be at least 1"):
         ImageNetDataModule(str(tmp_path), prefetch_factor=0)
+
+
+def test_an_unknown_pipeline_or_evaluator_is_named(capsys):
+    from swin.bench import coco_eval
+
+    for parse, argv in ((bench.parse_args, ["--pipelines", "classification,segmentatoin"]),
+                        (coco_eval.parse_args, ["--evaluators", "ours,cocoeval"])):  # fmt: skip
+        with pytest.raises(SystemExit):
+            parse(argv)
+        err = capsys.readouterr().err
+        assert ("'segmentatoin'" in err or "'cocoeval'" in err) and "choose from" in err
+    assert bench.parse_args(["--pipelines", "detection,"]).pipelines == ["detection"]

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from swin.bench.common import machine, machine_line
+from swin.bench.common import machine, machine_line, name_list
 
 EVALUATORS = ("ours", "faster_coco_eval", "pycocotools")
 IOU_TYPES = ("bbox", "segm")
@@ -219,16 +219,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=5000, help="val images (COCO val 2017: 5000)")
     parser.add_argument("--detections", type=int, default=100, help="detections per image (COCO's maxDets: 100)")
     parser.add_argument("--objects", type=int, default=7, help="mean ground-truth objects per image (COCO: 7.3)")
-    parser.add_argument("--evaluators", type=lambda s: s.split(","), default=list(EVALUATORS), 
-                        help=",".join(EVALUATORS))
+    parser.add_argument("--evaluators", type=name_list(EVALUATORS), default=list(EVALUATORS), help=",".join(EVALUATORS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-coco-eval"), help="for coco_eval.json and .md")
     parser.add_argument("--worker", choices=EVALUATORS, help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
-    unknown = set(args.evaluators) - set(EVALUATORS)
-    if unknown:
-        parser.error(f"--evaluators: unknown {sorted(unknown)}; choose from {', '.join(EVALUATORS)}")
-    return args
+    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -9,7 +10,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -17,6 +18,18 @@ import torch
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 # CPU flags that decide which kernels pay off (oneDNN's AVX-512 / AMX paths, bf16 support).
 FLAGS_THAT_MATTER = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+def name_list(choices: Sequence[str]) -> Callable[[str], list[str]]:
+    """argparse ``type``: a comma-separated list of names from ``choices``; an unknown name is an error naming it."""
+
+    def parse(value: str) -> list[str]:
+        names = [v for v in value.split(",") if v]
+        if unknown := sorted(set(names) - set(choices)):
+            raise argparse.ArgumentTypeError(f"unknown {unknown}; choose from {', '.join(choices)}")
+        return names
+
+    return parse
 
 
 def sync(device: torch.device) -> None:
