@@ -1,12 +1,12 @@
 """Allocator settings against each other (``python -m swin.bench --allocator``): a training step of the backbone
 (forward, cross-entropy, backward, fused AdamW) in a fresh process per setting and repeat, in alternating order.
 
-Per setting: time per step, minor page faults per step, the kernel's share of the process's CPU time, and memory as
-the OS sees it: the resident size that persists between steps (weights, gradients, optimizer state; after
-``malloc_trim``), the peak resident size of a step (``VmHWM``) and the difference, with and without gradient
-checkpointing. Settings: glibc's defaults, this project's ``SWIN_MALLOC=heap`` (:mod:`swin.allocator`), and tcmalloc
-and jemalloc through ``LD_PRELOAD`` where their libraries are installed (Debian: ``libtcmalloc-minimal4``,
-``libjemalloc2``).
+Per setting, with and without gradient checkpointing: time per step, minor page faults per step, the kernel's share
+of the process's CPU time, and memory as the OS sees it: the resident size that persists between steps (weights,
+gradients, optimizer state; after ``malloc_trim``), the peak resident size of a step (``VmHWM``) and the difference;
+then checkpointing's peak over the plain step's, above the persistent size and in total. Settings: glibc's defaults,
+this project's ``SWIN_MALLOC=heap`` and ``SWIN_MALLOC=lean`` (:mod:`swin.allocator`), and tcmalloc and jemalloc
+through ``LD_PRELOAD`` where their libraries are installed (Debian: ``libtcmalloc-minimal4``, ``libjemalloc2``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from typing import Any
 from swin.bench.common import load_average, machine, machine_line
 
 LIBRARIES = {"tcmalloc": "libtcmalloc_minimal.so.4", "jemalloc": "libjemalloc.so.2"}
-SETTINGS = ("glibc", "heap", *LIBRARIES)
+MALLOPT = {"glibc": "default", "heap": "heap", "lean": "lean"}  # setting: its SWIN_MALLOC value
+SETTINGS = (*MALLOPT, *LIBRARIES)
 
 
 def _library(name: str) -> str | None:
@@ -48,7 +49,7 @@ def environment(setting: str) -> dict[str, str] | None:
         if path is None:
             return None
         return {**env, "LD_PRELOAD": path}
-    return {**env, "SWIN_MALLOC": "heap" if setting == "heap" else "default"}
+    return {**env, "SWIN_MALLOC": MALLOPT[setting]}
 
 
 def _status_mb(field: str) -> float:
@@ -56,8 +57,8 @@ def _status_mb(field: str) -> float:
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
-    """Run in the child: time ``--steps`` training steps, then measure one step's memory with and without
-    gradient checkpointing."""
+    """Run in the child: without and then with gradient checkpointing, time ``--steps`` training steps, then measure
+    one step's memory."""
     import torch
     import torch.nn.functional as F
 
@@ -82,28 +83,38 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
         for _ in range(2):
             step()
-        if not checkpointing:
-            times = []
-            before = resource.getrusage(resource.RUSAGE_SELF)
-            for _ in range(args.steps):
-                start = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - start)
-            after = resource.getrusage(resource.RUSAGE_SELF)
-            cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
-            row |= {
-                "sec": statistics.median(times),
-                "minor_faults": (after.ru_minflt - before.ru_minflt) / args.steps,
-                "sys_share": (after.ru_stime - before.ru_stime) / max(cpu, 1e-9),
-            }
+        times = []
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        for _ in range(args.steps):
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
         allocator.trim()
         persistent = _status_mb("VmRSS")
         Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current resident size
         step()
         key = "checkpointing_" if checkpointing else ""
-        row |= {f"{key}persistent_mb": persistent, f"{key}peak_mb": _status_mb("VmHWM"),
-                f"{key}peak_above_mb": _status_mb("VmHWM") - persistent}  # fmt: skip
+        row |= {
+            f"{key}sec": statistics.median(times),
+            f"{key}minor_faults": (after.ru_minflt - before.ru_minflt) / args.steps,
+            f"{key}sys_share": (after.ru_stime - before.ru_stime) / max(cpu, 1e-9),
+            f"{key}persistent_mb": persistent,
+            f"{key}peak_mb": _status_mb("VmHWM"),
+            f"{key}peak_above_mb": _status_mb("VmHWM") - persistent,
+        }
     return row
+
+
+def _speed(row: dict[str, Any], glibc: dict[str, Any] | None, key: str) -> str:
+    return f"×{glibc[key] / row[key]:.2f}" if glibc else ""
+
+
+def _ratio(row: dict[str, Any], key: str) -> str:
+    """Checkpointing's ``key`` over the plain step's; "-" where the plain step's peak hardly rose above the persistent
+    size (an allocator that keeps its peak: nothing to compare)."""
+    return f"{row['checkpointing_' + key] / row[key]:.2f}×" if row["peak_above_mb"] >= 10 else "-"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -112,17 +123,19 @@ def markdown(report: dict[str, Any]) -> str:
         f"Machine: {machine_line(report['machine'])}; Swin {report['variant']}, batch {report['batch_size']}, "
         f"{report['image_size']}², fp32; medians over {report['repeats']} processes per setting (alternating order)",
         "", "| setting | in force | s / step | vs glibc | minor faults / step | kernel share | persistent MB | "
-        "peak MB | peak above MB | with checkpointing: peak above MB | checkpointing ÷ plain |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "peak MB | peak above MB | checkpointing: s / step | vs glibc | minor faults / step | peak MB | peak above MB "
+        "| checkpointing ÷ plain: above | total |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]  # fmt: skip
     glibc = report["summary"].get("glibc")
     for name, row in report["summary"].items():
-        speed = f"×{glibc['sec'] / row['sec']:.2f}" if glibc else ""
         lines.append(
-            f"| {name} | {row['allocator']} | {row['sec']:.3f} | {speed} | {row['minor_faults']:,.0f} | "
-            f"{100 * row['sys_share']:.1f} % | {row['persistent_mb']:.0f} | {row['peak_mb']:.0f} | "
-            f"{row['peak_above_mb']:.0f} | {row['checkpointing_peak_above_mb']:.0f} | "
-            f"{row['checkpointing_peak_above_mb'] / max(row['peak_above_mb'], 1e-9):.2f}× |"
+            f"| {name} | {row['allocator']} | {row['sec']:.3f} | {_speed(row, glibc, 'sec')} | "
+            f"{row['minor_faults']:,.0f} | {100 * row['sys_share']:.1f} % | {row['persistent_mb']:.0f} | "
+            f"{row['peak_mb']:.0f} | {row['peak_above_mb']:.0f} | {row['checkpointing_sec']:.3f} | "
+            f"{_speed(row, glibc, 'checkpointing_sec')} | {row['checkpointing_minor_faults']:,.0f} | "
+            f"{row['checkpointing_peak_mb']:.0f} | {row['checkpointing_peak_above_mb']:.0f} | "
+            f"{_ratio(row, 'peak_above_mb')} | {_ratio(row, 'peak_mb')} |"
         )
     lines += [f"- {note}" for note in report["notes"]]
     return "\n".join(lines) + "\n"
