@@ -154,34 +154,46 @@ def _wrap(index: Tensor, size: int) -> Tensor:
     return torch.where(index >= size, index - size, torch.where(index < 0, index + size, index))
 
 
+def _windows(size: int, window: int) -> int:
+    """Windows a side of a padded map: ceil division without a negative floor division (ONNX divides integers
+    towards zero); at least two for a symbolic size (the second of only padding where the map fits in one), so that
+    no size is 1, whose special cases (contiguity, broadcasting) would be guards."""
+    count = (size + window - 1) // window
+    return count if isinstance(count, int) else torch.sym_max(count, 2)
+
+
 def window_tensors(
     height: int, width: int, window: int, shifted: bool, device: torch.device
-) -> tuple[int, int, Tensor | None, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor | None, Tensor, Tensor, Tensor]:
     """:func:`window_geometry`, :func:`shift_mask` and :func:`window_index` as tensor arithmetic, for export.
 
-    The sizes may be symbolic: the shift is a tensor (0 where the padded map fits in one window), there is always a
-    ``valid`` (all True without padding) and, for shifted blocks, a mask (all 0 where the shift is 0), so that one
-    graph serves every input size with the same numbers. Returns padded height and width, mask, fwd, inv, valid.
+    The sizes may be symbolic and nothing branches on them: the shift is a tensor (0 where the padded map fits in
+    one window), there is always a ``valid`` (all True without padding) and, for shifted blocks, a mask (all 0
+    where the shift is 0), so that one graph serves every input size with the same numbers. There is no padded copy
+    of the map and no crop (whose size checks would be guards): ``fwd`` indexes the unpadded H·W raster, a padding
+    position pointing at the nearest real token (masked out of attention by ``valid``, its result dropped), and
+    ``inv`` holds the window-order position of each real token, raster order. Returns mask, fwd, inv, valid.
     """
-    # ceil division without a negative floor division (ONNX divides integers towards zero)
-    pad_h, pad_w = (height + window - 1) // window * window, (width + window - 1) // window * window
+    pad_h, pad_w = _windows(height, window) * window, _windows(width, window) * window
     rows, cols = torch.arange(pad_h, device=device), torch.arange(pad_w, device=device)
-    half = window // 2 if shifted else 0
-    shift_h, shift_w = (rows >= window).any().long() * half, (cols >= window).any().long() * half
-    # roll(-shift): the shifted map's row r holds the raster's row (r + shift) mod H'
-    grid = _wrap(rows + shift_h, pad_h)[:, None] * pad_w + _wrap(cols + shift_w, pad_w)[None, :]
+    real_h, real_w = torch.arange(height, device=device), torch.arange(width, device=device)
+    half = window // 2 if shifted else 0  # no shift where the map fits in one window
+    shift_h, shift_w = (real_h >= window).any().long() * half, (real_w >= window).any().long() * half
+    # roll(-shift): the shifted map's row r holds the padded raster's row (r + shift) mod H'
+    src_h, src_w = _wrap(rows + shift_h, pad_h), _wrap(cols + shift_w, pad_w)
+    grid = src_h.clamp(max=height - 1)[:, None] * width + src_w.clamp(max=width - 1)[None, :]
     fwd = window_partition(grid[None, :, :, None], window).flatten()
     order = torch.arange(pad_h * pad_w, device=device).view(-1, window * window, 1)
     position = window_reverse(order, window, pad_h, pad_w)[0, :, :, 0]  # window-order position of each shifted cell
-    inv = position.index_select(0, _wrap(rows - shift_h, pad_h)).index_select(1, _wrap(cols - shift_w, pad_w)).flatten()
-    valid = ((rows < height)[:, None] & (cols < width)[None, :]).flatten()[fwd]
+    inv = position.index_select(0, _wrap(real_h - shift_h, pad_h)).index_select(1, _wrap(real_w - shift_w, pad_w))
+    valid = window_partition(((src_h < height)[:, None] & (src_w < width)[None, :])[None, :, :, None], window).flatten()
     mask = None
     if shifted:  # region ids of the slices (0, -M), (-M, -s), (-s, None), as _regions
         region_h = ((rows >= pad_h - window) & (shift_h > 0)).long() + (rows >= pad_h - shift_h).long()
         region_w = ((cols >= pad_w - window) & (shift_w > 0)).long() + (cols >= pad_w - shift_w).long()
         ids = window_partition((region_h[:, None] * 3 + region_w[None, :])[None, :, :, None], window).squeeze(-1)
         mask = (ids[:, :, None] != ids[:, None, :]).float() * MASK_VALUE
-    return pad_h, pad_w, mask, fwd, inv, valid
+    return mask, fwd, inv.flatten(), valid
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -206,7 +218,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         p = self.patch_size
-        pad_h, pad_w = (p - x.shape[2] % p) % p, (p - x.shape[3] % p) % p  # non-negative operands: ONNX-safe
+        h, w = x.shape[2:]
+        pad_h, pad_w = (h + p - 1) // p * p - h, (w + p - 1) // p * p - w  # ceil form: short symbolic sizes
         if exporting() or pad_h or pad_w:  # export: one graph for every size
             x = F.pad(x, (0, pad_w, 0, pad_h))
         if in_pieces(self, x, self.piece_tokens):  # bands of patch rows
@@ -353,15 +366,16 @@ class WindowBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, h, w, c = x.shape
-        if exporting():  # the same geometry as tensors: sizes may be symbolic
+        if exporting():  # the same geometry as tensors (window_tensors): sizes may be symbolic
             if type(self).geometry is not WindowBlock.geometry:
                 raise NotImplementedError(f"{type(self).__name__} has its own window geometry and cannot be exported yet")
-            ws = self.window_size
-            pad_h, pad_w, mask, fwd, inv, valid = window_tensors(h, w, ws, self.shifted, x.device)
-        else:
-            ws, pad_h, pad_w, shift = self.geometry(h, w)
-            mask = shift_mask(pad_h, pad_w, ws, shift, x.device) if shift != (0, 0) else None
-            fwd, inv, valid = window_index(h, w, ws, (pad_h, pad_w), shift, x.device)
+            mask, fwd, inv, valid = window_tensors(h, w, self.window_size, self.shifted, x.device)
+            windows = x.reshape(b, h * w, c).index_select(1, fwd)
+            out = self.windows_forward(windows, slice(0, fwd.numel()), self.window_size, mask, valid)
+            return out.index_select(1, inv).view(b, h, w, c)
+        ws, pad_h, pad_w, shift = self.geometry(h, w)
+        mask = shift_mask(pad_h, pad_w, ws, shift, x.device) if shift != (0, 0) else None
+        fwd, inv, valid = window_index(h, w, ws, (pad_h, pad_w), shift, x.device)
         if valid is not None:
             x = F.pad(x, (0, 0, 0, pad_w - w, 0, pad_h - h))
         tokens = x.reshape(b, pad_h * pad_w, c)
@@ -439,7 +453,7 @@ class PatchMerging(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, h, w, _ = x.shape
         if exporting() or h % 2 or w % 2:
-            x = F.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+            x = F.pad(x, (0, 0, 0, (w + 1) // 2 * 2 - w, 0, (h + 1) // 2 * 2 - h))  # ceil form, as PatchEmbed
         if in_pieces(self, x, self.piece_tokens):  # bands of output rows
             return in_bands(self._merge, x, 1, max(1, self.piece_tokens // (b * x.shape[2] // 2)), 2)
         return self._merge(x)

@@ -19,10 +19,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from swin.models.ops import exporting
 from swin.models.swin import SwinTransformer
 
 __all__ = [
     "ConvModule",
+    "AdaptivePool",
     "PyramidPooling",
     "UperNetHead",
     "FCNHead",
@@ -57,6 +59,27 @@ class ConvModule(nn.Sequential):
         )
 
 
+class AdaptivePool(nn.AdaptiveAvgPool2d):
+    """``nn.AdaptiveAvgPool2d(size)`` for an int ``size``; while exporting, the mean over each of PyTorch's bins
+    (rows ⌊i·H/s⌋ to ⌈(i+1)·H/s⌉, columns alike) by two averaging matrices, which keep a dynamic height and width:
+    the exporters' decomposition fixes the bins' length at the example's size (other sizes index out of range)."""
+
+    output_size: int
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not exporting():
+            return super().forward(x)
+        rows = (x.unsqueeze(2) * self._bins(x.shape[-2], x)[:, :, None]).sum(3)  # (B, C, s, W)
+        return (rows.unsqueeze(3) * self._bins(x.shape[-1], x)).sum(4)  # broadcasts: a matmul's reshapes would guard
+
+    def _bins(self, length: int, x: Tensor) -> Tensor:
+        """(s, length): 1 / bin length where a position lies in an output's bin, else 0."""
+        s = self.output_size
+        out, pos = torch.arange(s, device=x.device)[:, None], torch.arange(length, device=x.device)[None, :]
+        inside = (pos >= out * length // s) & (pos < ((out + 1) * length + s - 1) // s)
+        return inside.to(x.dtype) / inside.sum(1, keepdim=True).to(x.dtype)
+
+
 class PyramidPooling(nn.Module):
     """PSPNet's pyramid pooling: adaptive average pools at ``scales``, 1×1 ConvModules, upsampled and concatenated
     with the input (``in_channels + len(scales) * channels`` outputs)."""
@@ -64,7 +87,7 @@ class PyramidPooling(nn.Module):
     def __init__(self, in_channels: int, channels: int, scales: Sequence[int] = (1, 2, 3, 6)):
         super().__init__()
         self.stages = nn.ModuleList(
-            nn.Sequential(nn.AdaptiveAvgPool2d(s), ConvModule(in_channels, channels, 1)) for s in scales
+            nn.Sequential(AdaptivePool(s), ConvModule(in_channels, channels, 1)) for s in scales
         )
 
     def forward(self, x: Tensor) -> Tensor:
