@@ -9,9 +9,7 @@ import yaml
 
 from swin.export import build_task, export_onnx, export_pt2, load_task, main
 from swin.models import CheckpointError, SwinTransformer
-from swin.models.swin import (
-    WindowAttention, relative_position_index, shift_mask, window_geometry, window_index, window_tensors,
-)
+from swin.models.swin import SwinBlock, WindowAttention, relative_position_index, shift_mask, window_index
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -24,9 +22,9 @@ TASKS = {
     },
     "segmentation": {
         "class_path": "swin.tasks.segmentation.SegmentationTask",
-        "init_args": {"backbone": "custom", "backbone_kwargs": {**TINY, "depths": [1, 1, 1, 1],
-                      "num_heads": [1, 1, 2, 2]}, "num_classes": 4, "channels": 8, "pool_scales": [1, 2],
-                      "aux_weight": 0.0},
+        "init_args": {"backbone": "custom", "backbone_kwargs": {**TINY, "depths": [1, 2, 1, 2],
+                      "num_heads": [1, 1, 2, 2], "window_size": 7}, "num_classes": 4, "channels": 8,
+                      "pool_scales": [1, 2, 3, 6], "aux_weight": 0.0},
     },
 }  # fmt: skip
 
@@ -41,6 +39,8 @@ def _checkpoint(tmp_path, name: str, class_names=None):
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
+        if name == "segmentation":  # logits of order 1 rather than 0.01, so that 1e-4 means something
+            task.model.decode_head.classifier[1].weight.normal_()
     ckpt = tmp_path / f"{name}.ckpt"
     torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams)}, ckpt)
     return config, ckpt, task.eval()
@@ -53,19 +53,17 @@ def _ort(path, x: torch.Tensor) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("size", [(9, 22), (16, 16), (5, 5), (13, 3)])
 @pytest.mark.parametrize("shifted", [False, True])
-def test_window_tensors_match_the_cached_geometry(size, shifted):
-    h, w = size
-    pad_h, pad_w, shift = window_geometry(h, w, 4, shifted)
-    cpu = torch.device("cpu")
-    fwd, inv, valid = window_index(h, w, 4, (pad_h, pad_w), shift, cpu)
-    pad_h2, pad_w2, mask2, fwd2, inv2, valid2 = window_tensors(h, w, 4, shifted, cpu)
-    assert (pad_h2, pad_w2) == (pad_h, pad_w)
-    assert torch.equal(fwd2, fwd) and torch.equal(inv2, inv)
-    assert torch.equal(valid2, valid if valid is not None else torch.ones_like(valid2))
-    if shift != (0, 0):
-        assert torch.equal(mask2, shift_mask(pad_h, pad_w, 4, shift, cpu))
-    else:
-        assert mask2 is None or not mask2.any()
+def test_export_path_of_a_block_matches_eager(size, shifted, monkeypatch):
+    """A block on its export path (window_tensors: no padded copy, no crop, at least two windows a side, shift and
+    mask as tensors), run eagerly, gives the eager path's numbers, with and without padding, shift or one window."""
+    torch.manual_seed(0)
+    block = SwinBlock(8, 2, window_size=4, shifted=shifted).eval()
+    with torch.no_grad():
+        block.attn.relative_position_bias_table.normal_()  # a bias that matters
+        x = torch.randn(2, *size, 8)
+        expected = block(x)
+        monkeypatch.setattr("swin.models.swin.exporting", lambda: True)
+        torch.testing.assert_close(block(x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_classifier_onnx_and_pt2_match_eager(tmp_path):
@@ -116,15 +114,38 @@ def test_dense_backbone_onnx_takes_any_size_in_one_graph(tmp_path):
             assert g.shape == tuple(e.shape) and np.abs(g - e.numpy()).max() <= 1e-4, size
 
 
-def test_segmentor_onnx_matches_eager_at_an_odd_size(tmp_path):
+SEGMENTOR_SIZES = [(2, (64, 80)), (1, (45, 38)), (3, (97, 250))]  # batch, size: the export's, odd, larger
+
+
+def test_segmentor_onnx_takes_any_size_in_one_graph(tmp_path):
+    """The CLI exports the UperNet segmentor (four stages, window 7) at 64×80 with a dynamic height and width: one
+    ONNX graph under onnxruntime gives the eager logits at the export's size, at an odd size whose last two stages
+    fit one window (45×38) and at one with shifted windows in every shifted block (97×250)."""
     config, ckpt, task = _checkpoint(tmp_path, "segmentation")
     out = tmp_path / "out"
-    main(["--config", str(config), "--ckpt", str(ckpt), "--out", str(out), "--format", "onnx", "--size", "45", "38"])
-    x = torch.randn(1, 3, 45, 38)
-    with torch.no_grad():
-        expected = task.model(x)
-    got = _ort(out / "model.onnx", x)[0]
-    assert got.shape == (1, 4, 45, 38) and np.abs(got - expected.numpy()).max() <= 1e-4
+    main(["--config", str(config), "--ckpt", str(ckpt), "--out", str(out), "--format", "onnx", "--size", "64", "80"])
+    info = json.loads((out / "contract.json").read_text())
+    assert info["input"]["dynamic"] == ["batch", "height", "width"] and info["input"]["min_size"] == 33
+    for batch, size in SEGMENTOR_SIZES:
+        x = torch.randn(batch, 3, *size)
+        with torch.no_grad():
+            expected = task.model(x).numpy()
+        got = _ort(out / "model.onnx", x)[0]
+        assert got.shape == (batch, 4, *size) and np.abs(got - expected).max() <= 1e-4, size
+
+
+def test_segmentor_pt2_takes_any_size_in_one_program(tmp_path):
+    """The same segmentor as one torch.export program with a dynamic height and width; an example below the
+    smallest size (every stage's map at least 2 a side) is refused."""
+    _, _, task = _checkpoint(tmp_path, "segmentation")
+    export_pt2(task.model, torch.randn(2, 3, 64, 80), tmp_path / "model.pt2", dynamic_hw=True)
+    program = torch.export.load(tmp_path / "model.pt2").module()
+    for batch, size in SEGMENTOR_SIZES:
+        x = torch.randn(batch, 3, *size)
+        with torch.no_grad():
+            assert (program(x) - task.model(x)).abs().max() <= 1e-4, size
+    with pytest.raises(ValueError, match="sizes from 33"):
+        export_pt2(task.model, torch.randn(1, 3, 32, 80), tmp_path / "small.pt2", dynamic_hw=True)
 
 
 def test_upernet_head_exports_with_dynamic_sizes():

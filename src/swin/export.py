@@ -9,13 +9,14 @@ class count and names come from the checkpoint), then the checkpoint's ``state_d
 backbone as ``backbone.safetensors`` (official layout) / ``timm.safetensors`` (timm's, for
 ``timm.create_model(..., pretrained_cfg_overlay=dict(file=...))`` or ``load_state_dict``) / ``torchvision.safetensors``
 (``torchvision.models.swin_t(num_classes=...).load_state_dict(load_file(...))``, V2: ``swin_v2_t`` and kin). Classification exports ``eval_model()`` (the EMA
-weights when on) with logits as output; segmentation the UperNet segmentor (logits at the input's size, no
-auxiliary head). Both have a dynamic batch; height and width are those of ``--size`` (default: the config's
-``data.init_args.image_size``, else 224). The dense backbone alone exports with a dynamic height and width too
-(``export_onnx`` / ``export_pt2`` with ``dynamic_hw=True``: one graph for any size, window multiple or not); the
-UperNet segmentor does not yet (its four-stage backbone's size expressions blow up, then guard; README "Deploy"), so
-the CLI exports it at one size. The Swin blocks export their cyclic shift, padding and window partition
-as tensor arithmetic (:func:`swin.models.swin.window_tensors`), with the eager numbers. Mask R-CNN is refused:
+weights when on) with logits as output, dynamic batch, height and width those of ``--size`` (default: the config's
+``data.init_args.image_size``, else 224); segmentation the UperNet segmentor (logits at the input's size, no
+auxiliary head) with a dynamic batch, height and width: one graph for any size from :func:`min_size` on (33 for four
+stages; ``--size`` is the example), and ``contract.json`` says so (``dynamic``, ``min_size``). ``export_onnx`` /
+``export_pt2`` with ``dynamic_hw=True`` export any such module (the dense backbone too). While exporting, the Swin
+blocks compute their cyclic shift, padding and window partition as tensor arithmetic
+(:func:`swin.models.swin.window_tensors`) and the pyramid pooling its bins as matrices
+(:class:`swin.models.upernet.AdaptivePool`), with the eager numbers and no branch on a size. Mask R-CNN is refused:
 torchvision's detectors export to ONNX only through the TorchScript exporter, at fixed sizes, which this tool does
 not drive.
 """
@@ -45,8 +46,9 @@ if TYPE_CHECKING:
     import onnx_ir as ir
 
 __all__ = [
-    "FORMATS", "build_task", "load_task", "export_module", "export_onnx", "explicit_attention", "drop_constant_wheres",
-    "export_pt2", "to_timm", "torchvision_model", "to_torchvision", "save_backbone", "contract", "main",
+    "FORMATS", "build_task", "load_task", "export_module", "min_size", "export_onnx", "explicit_attention",
+    "drop_constant_wheres", "export_pt2", "to_timm", "torchvision_model", "to_torchvision", "save_backbone",
+    "contract", "main",
 ]  # fmt: skip
 
 FORMATS = ("onnx", "pt2", "safetensors", "timm", "torchvision")
@@ -109,17 +111,31 @@ def export_module(task: BaseTask) -> nn.Module:
     )
 
 
-def _dynamic(dynamic_hw: bool) -> tuple[dict[int, Any]]:
+def min_size(module: nn.Module) -> int:
+    """Smallest height and width of a dynamic-size export of ``module``: every Swin stage's map at least 2 a side
+    (patch · 2^(stages-1) + 1; 33 for the usual four stages), since a size of 1 is a special case (contiguity,
+    broadcasting) that would specialise the graph; 8 without a Swin inside."""
+    swins = [m for m in module.modules() if isinstance(m, SwinTransformer)]
+    return max((m.patch_size * 2 ** (len(m.layers) - 1) + 1 for m in swins), default=8)
+
+
+def _dynamic(module: nn.Module, example: Tensor, dynamic_hw: bool) -> tuple[dict[int, Any]]:
     dims = {0: torch.export.Dim("batch", min=1, max=1024)}
     if dynamic_hw:
-        dims.update({2: torch.export.Dim("height", min=8, max=4096), 3: torch.export.Dim("width", min=8, max=4096)})
+        low = min_size(module)
+        if min(example.shape[-2:]) < low:
+            raise ValueError(
+                f"a dynamic-size export of {type(module).__name__} takes sizes from {low}; the example is "
+                f"{tuple(example.shape[-2:])}"
+            )
+        dims.update({2: torch.export.Dim("height", min=low, max=4096), 3: torch.export.Dim("width", min=low, max=4096)})
     return (dims,)
 
 
 def export_pt2(module: nn.Module, example: Tensor, path: str | os.PathLike, dynamic_hw: bool = False) -> Path:
     """``torch.export`` program of ``module`` (dynamic batch; also height and width with ``dynamic_hw``)."""
     with torch.no_grad():
-        program = torch.export.export(module, (example,), dynamic_shapes=_dynamic(dynamic_hw))
+        program = torch.export.export(module, (example,), dynamic_shapes=_dynamic(module, example, dynamic_hw))
     torch.export.save(program, path)
     return Path(path)
 
@@ -135,7 +151,7 @@ def export_onnx(module: nn.Module, example: Tensor, path: str | os.PathLike, dyn
     names = ["logits"] if isinstance(out, Tensor) else [f"features{i}" for i in range(len(out))]
     with torch.no_grad(), explicit_attention(module):
         program = torch.onnx.export(
-            module, (example,), dynamo=True, dynamic_shapes=_dynamic(dynamic_hw),
+            module, (example,), dynamo=True, dynamic_shapes=_dynamic(module, example, dynamic_hw),
             input_names=["image"], output_names=names, verbose=False,
         )  # fmt: skip
     if drop_constant_wheres(program.model.graph):
@@ -259,8 +275,9 @@ def save_backbone(task: BaseTask, path: str | os.PathLike, layout: str = "safete
     return Path(path)
 
 
-def contract(task: BaseTask, size: Sequence[int]) -> dict[str, Any]:
-    """What a caller feeds the exported model and gets back."""
+def contract(task: BaseTask, size: Sequence[int], min_hw: int | None = None) -> dict[str, Any]:
+    """What a caller feeds the exported model and gets back; ``min_hw``: a dynamic height and width from it on
+    (``size`` is then the export's example)."""
     from swin.tasks.classification import ClassificationTask
 
     classify = isinstance(task, ClassificationTask)
@@ -275,7 +292,8 @@ def contract(task: BaseTask, size: Sequence[int]) -> dict[str, Any]:
             "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),
             "size": list(size),
-            "dynamic": ["batch"],
+            "dynamic": ["batch", "height", "width"] if min_hw else ["batch"],
+            **({"min_size": min_hw} if min_hw else {}),
         },
         "output": {
             "name": "logits",
@@ -291,6 +309,8 @@ def _default_size(cfg: dict[str, Any]) -> tuple[int, int]:
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
+    from swin.tasks.segmentation import SegmentationTask
+
     parser = argparse.ArgumentParser(prog="python -m swin.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="the task's training config (YAML)")
     parser.add_argument("--ckpt", required=True, help="a Lightning checkpoint of that task")
@@ -298,23 +318,28 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument(
         "--format", nargs="+", default=list(FORMATS[:4]), choices=FORMATS, help="what to write (default: all but torchvision)"
     )
-    parser.add_argument("--size", nargs=2, type=int, metavar=("H", "W"), help="input size (default: the config's)")
+    parser.add_argument(
+        "--size", nargs=2, type=int, metavar=("H", "W"),
+        help="input size (default: the config's); segmentation: the example, the graph takes any size from min_size",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     task, cfg = load_task(args.config, args.ckpt)
     module = export_module(task) if {"onnx", "pt2"} & set(args.format) else None
+    dense = isinstance(task, SegmentationTask)  # logits at the input's size: one graph for any height and width
     size = tuple(args.size) if args.size else _default_size(cfg)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     example = torch.randn(2, 3, *size)
     written = []
     if "onnx" in args.format:
-        written.append(export_onnx(module, example, out / "model.onnx"))
+        written.append(export_onnx(module, example, out / "model.onnx", dynamic_hw=dense))
     if "pt2" in args.format:
-        written.append(export_pt2(module, example, out / "model.pt2"))
+        written.append(export_pt2(module, example, out / "model.pt2", dynamic_hw=dense))
     for layout, name in LAYOUTS.items():
         if layout in args.format:
             written.append(save_backbone(task, out / name, layout))
-    (out / "contract.json").write_text(json.dumps(contract(task, size), indent=2) + "\n")
+    info = contract(task, size, min_size(task) if dense else None)
+    (out / "contract.json").write_text(json.dumps(info, indent=2) + "\n")
     written.append(out / "contract.json")
     for path in written:
         print(path)
