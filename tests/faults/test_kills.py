@@ -61,6 +61,12 @@ def test_twenty_random_sigkills_lose_at_most_the_step_in_flight(faults, tmp_path
         new = wait_for_training(proc, record, seen)
         assert new is not None, f"the run ended after {len(kills)} kills, seed {seed}: lengthen it"
         resumed_at, to_resume = int(new[0].split()[0]), time.monotonic() - started
+        if not kills:  # killed before its first checkpoint, the next run would start afresh in version_1
+            first = root / "version_0" / "checkpoints" / "last.ckpt"
+            deadline = time.monotonic() + 120
+            while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert first.exists(), f"no first checkpoint within 120 s, seed {seed}"
         time.sleep(rng.uniform(0.0, 1.5))
         proc.kill()
         assert proc.wait() == -9
