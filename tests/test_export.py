@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from swin.export import build_task, export_onnx, export_pt2, load_task, main
+from swin.export import build_task, export_module, export_onnx, export_pt2, load_task, main
 from swin.models import CheckpointError, SwinTransformer
 from swin.models.swin import SwinBlock, WindowAttention, relative_position_index, shift_mask, window_index
 
@@ -25,6 +25,13 @@ TASKS = {
         "init_args": {"backbone": "custom", "backbone_kwargs": {**TINY, "depths": [1, 2, 1, 2],
                       "num_heads": [1, 1, 2, 2], "window_size": 7}, "num_classes": 4, "channels": 8,
                       "pool_scales": [1, 2, 3, 6], "aux_weight": 0.0},
+    },
+    "detection": {
+        "class_path": "swin.tasks.detection.DetectionTask",
+        "init_args": {"backbone": "custom", "backbone_kwargs": {**TINY, "depths": [1, 1, 1, 1],
+                      "num_heads": [1, 1, 2, 2], "window_size": 7}, "num_classes": 3, "fpn_channels": 16,
+                      "representation_size": 32, "mask_channels": 8, "min_size": 96, "max_size": 128,
+                      "detector_kwargs": {"box_score_thresh": 0.0}},
     },
 }  # fmt: skip
 
@@ -281,3 +288,29 @@ def test_torchvision_layout_loads_strictly_into_torchvision(tmp_path):
         torch.testing.assert_close(peer_v2(x), v2(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="no head"):
         torchvision_model(SwinTransformer(**TINY, num_classes=None, out_indices=(0,)))
+
+
+def test_mask_rcnn_onnx_detects_what_eager_detects(tmp_path):
+    """The detector through torchvision's ONNX route: one image of the export's size; boxes, labels, scores and masks
+    of onnxruntime against eager fp32, two images; the contract maps labels to category ids; no .pt2."""
+    config, ckpt, task = _checkpoint(tmp_path, "detection", class_names=["a", "b", "c"])
+    out = tmp_path / "out"
+    written = main(["--config", str(config), "--ckpt", str(ckpt), "--out", str(out), "--size", "90", "120"])
+    assert sorted(p.name for p in written) == ["contract.json", "model.onnx"]  # onnx only by default
+    info = json.loads((out / "contract.json").read_text())
+    assert info["input"]["size"] == [90, 120] and info["input"]["dynamic"] == []
+    assert set(info["output"]) == {"boxes", "labels", "scores", "masks"} and info["category_ids"] == [1, 2, 3]
+    for seed in (0, 1):
+        image = torch.rand(3, 90, 120, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            want = task.model([image])[0]
+        got = dict(zip(["boxes", "labels", "scores", "masks"], _ort(out / "model.onnx", image)))
+        assert len(want["boxes"]) > 10 and got["boxes"].shape == tuple(want["boxes"].shape)
+        assert np.array_equal(got["labels"], want["labels"].numpy())
+        for name in ("boxes", "scores", "masks"):
+            assert np.abs(got[name] - want[name].numpy()).max() <= 1e-3, name  # boxes in pixels: ~1e-5 here
+    with pytest.raises(NotImplementedError, match="torch.export"):
+        main(["--config", str(config), "--ckpt", str(ckpt), "--out", str(out), "--format", "pt2"])
+    cascade = {**TASKS["detection"], "init_args": {**TASKS["detection"]["init_args"], "framework": "cascade_mask_rcnn"}}
+    with pytest.raises(NotImplementedError, match="cascade"):
+        export_module(build_task(cascade))

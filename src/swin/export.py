@@ -16,9 +16,11 @@ stages; ``--size`` is the example), and ``contract.json`` says so (``dynamic``, 
 ``export_pt2`` with ``dynamic_hw=True`` export any such module (the dense backbone too). While exporting, the Swin
 blocks compute their cyclic shift, padding and window partition as tensor arithmetic
 (:func:`swin.models.swin.window_tensors`) and the pyramid pooling its bins as matrices
-(:class:`swin.models.upernet.AdaptivePool`), with the eager numbers and no branch on a size. Mask R-CNN is refused:
-torchvision's detectors export to ONNX only through the TorchScript exporter, at fixed sizes, which this tool does
-not drive.
+(:class:`swin.models.upernet.AdaptivePool`), with the eager numbers and no branch on a size. Detection (the
+``mask_rcnn`` framework: torchvision's Mask R-CNN or Faster R-CNN) exports as ONNX only, the way torchvision's
+detectors support it: through torch's TorchScript-based exporter, one image (3, H, W) in [0, 1] of ``--size`` →
+``boxes``, ``labels``, ``scores``, ``masks``; ``contract.json`` maps the labels to the dataset's category ids. The
+cascade and single-stage detectors are refused.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import contextlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +39,7 @@ import torch
 import yaml
 from lightning.pytorch.cli import LightningArgumentParser
 from torch import Tensor, nn
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
 from swin.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from swin.models import CheckpointError, SwinTransformer
@@ -97,17 +101,20 @@ def load_task(config: str | os.PathLike, ckpt: str | os.PathLike) -> tuple[BaseT
 
 
 def export_module(task: BaseTask) -> nn.Module:
-    """The network to deploy: image batch (B, 3, H, W) → logits."""
+    """The network to deploy: image batch (B, 3, H, W) → logits; for detection torchvision's Mask R-CNN (or Faster
+    R-CNN): one image (3, H, W) in [0, 1] → boxes, labels, scores (and masks)."""
     from swin.tasks.classification import ClassificationTask
+    from swin.tasks.detection import DetectionTask
     from swin.tasks.segmentation import SegmentationTask
 
     if isinstance(task, ClassificationTask):
         return task.eval_model().eval()
-    if isinstance(task, SegmentationTask):
+    if isinstance(task, SegmentationTask) or (isinstance(task, DetectionTask) and task.hparams.framework == "mask_rcnn"):
         return task.model.eval()
     raise NotImplementedError(
-        f"{type(task).__name__}: export supports ClassificationTask and SegmentationTask; torchvision's Mask R-CNN "
-        "exports to ONNX only through its TorchScript exporter at a fixed size (see torchvision's detection docs)"
+        f"{type(task).__name__} ({task.hparams.get('framework')}): export supports classification, segmentation and "
+        "the mask_rcnn detection framework (torchvision's Mask R-CNN / Faster R-CNN, through torchvision's ONNX "
+        "support); the cascade and single-stage detectors are not exported yet"
     )
 
 
@@ -134,6 +141,11 @@ def _dynamic(module: nn.Module, example: Tensor, dynamic_hw: bool) -> tuple[dict
 
 def export_pt2(module: nn.Module, example: Tensor, path: str | os.PathLike, dynamic_hw: bool = False) -> Path:
     """``torch.export`` program of ``module`` (dynamic batch; also height and width with ``dynamic_hw``)."""
+    if isinstance(module, GeneralizedRCNN):
+        raise NotImplementedError(
+            "torchvision's detectors do not export with torch.export (their proposals and detections have "
+            "data-dependent sizes): export Mask R-CNN as ONNX (--format onnx)"
+        )
     with torch.no_grad():
         program = torch.export.export(module, (example,), dynamic_shapes=_dynamic(module, example, dynamic_hw))
     torch.export.save(program, path)
@@ -146,6 +158,8 @@ def export_onnx(module: nn.Module, example: Tensor, path: str | os.PathLike, dyn
     (:func:`drop_constant_wheres`)."""
     from onnx_ir.passes.common import RemoveUnusedNodesPass
 
+    if isinstance(module, GeneralizedRCNN):
+        return _export_detector_onnx(module, example[0] if example.ndim == 4 else example, path)
     with torch.no_grad():
         out = module(example)
     names = ["logits"] if isinstance(out, Tensor) else [f"features{i}" for i in range(len(out))]
@@ -157,6 +171,19 @@ def export_onnx(module: nn.Module, example: Tensor, path: str | os.PathLike, dyn
     if drop_constant_wheres(program.model.graph):
         RemoveUnusedNodesPass()(program.model)
     program.save(str(path))
+    return Path(path)
+
+
+def _export_detector_onnx(module: GeneralizedRCNN, image: Tensor, path: str | os.PathLike) -> Path:
+    """torchvision's detector through torch's TorchScript-based exporter, the one torchvision's detection models
+    support: one image (3, H, W) in [0, 1] of the example's size (the graph holds its resize), outputs ``boxes``
+    (xyxy, input pixels), ``labels`` (1..K), ``scores`` and, with a mask branch, ``masks`` (N, 1, H, W
+    probabilities). The Swin backbone exports its window geometry as tensor arithmetic here too."""
+    names = ["boxes", "labels", "scores"] + (["masks"] if module.roi_heads.has_mask() else [])
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on Python values it records as constants
+        torch.onnx.export(module, ([image],), str(path), dynamo=False, opset_version=17, input_names=["image"],
+                          output_names=names)  # fmt: skip
     return Path(path)
 
 
@@ -279,7 +306,10 @@ def contract(task: BaseTask, size: Sequence[int], min_hw: int | None = None) -> 
     """What a caller feeds the exported model and gets back; ``min_hw``: a dynamic height and width from it on
     (``size`` is then the export's example)."""
     from swin.tasks.classification import ClassificationTask
+    from swin.tasks.detection import DetectionTask
 
+    if isinstance(task, DetectionTask):
+        return _detection_contract(task, size)
     classify = isinstance(task, ClassificationTask)
     return {
         "task": type(task).__name__,
@@ -303,12 +333,41 @@ def contract(task: BaseTask, size: Sequence[int], min_hw: int | None = None) -> 
     }
 
 
+def _detection_contract(task: BaseTask, size: Sequence[int]) -> dict[str, Any]:
+    """The detector's: one image in [0, 1] (it normalises and resizes inside), detections of that image."""
+    outputs = {
+        "boxes": "(N, 4) float32, x1 y1 x2 y2 in input pixels",
+        "labels": "(N,) int64, 1..K: category_ids[label - 1], class_names[label - 1]",
+        "scores": "(N,) float32, descending",
+    }
+    if task.hparams.masks:
+        outputs["masks"] = "(N, 1, H, W) float32 probabilities; a mask is masks > 0.5"
+    return {
+        "task": type(task).__name__,
+        "input": {
+            "name": "image",
+            "layout": "CHW, one image",
+            "dtype": "float32",
+            "channels": "RGB",
+            "scale": "pixel / 255 (the model normalises with mean / std and resizes itself)",
+            "mean": list(task.model.transform.image_mean),
+            "std": list(task.model.transform.image_std),
+            "size": list(size),
+            "dynamic": [],
+        },
+        "output": outputs,
+        "class_names": task.class_names,
+        "category_ids": task.category_ids.tolist(),
+    }
+
+
 def _default_size(cfg: dict[str, Any]) -> tuple[int, int]:
     size = ((cfg.get("data") or {}).get("init_args") or {}).get("image_size", 224)
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
+    from swin.tasks.detection import DetectionTask
     from swin.tasks.segmentation import SegmentationTask
 
     parser = argparse.ArgumentParser(prog="python -m swin.export", description=__doc__.split("\n\n")[0])
@@ -316,14 +375,17 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     parser.add_argument("--ckpt", required=True, help="a Lightning checkpoint of that task")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument(
-        "--format", nargs="+", default=list(FORMATS[:4]), choices=FORMATS, help="what to write (default: all but torchvision)"
-    )
+        "--format", nargs="+", choices=FORMATS,
+        help="what to write (default: all but torchvision; detection: onnx, the one torchvision's detectors support)",
+    )  # fmt: skip
     parser.add_argument(
         "--size", nargs=2, type=int, metavar=("H", "W"),
-        help="input size (default: the config's); segmentation: the example, the graph takes any size from min_size",
+        help="input size (default: the config's); segmentation: the example, the graph takes any size from min_size; "
+        "detection: the one image size the graph takes",
     )  # fmt: skip
     args = parser.parse_args(argv)
     task, cfg = load_task(args.config, args.ckpt)
+    args.format = args.format or (["onnx"] if isinstance(task, DetectionTask) else list(FORMATS[:4]))
     module = export_module(task) if {"onnx", "pt2"} & set(args.format) else None
     dense = isinstance(task, SegmentationTask)  # logits at the input's size: one graph for any height and width
     size = tuple(args.size) if args.size else _default_size(cfg)

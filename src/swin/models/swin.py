@@ -159,7 +159,7 @@ def _windows(size: int, window: int) -> int:
     towards zero); at least two for a symbolic size (the second of only padding where the map fits in one), so that
     no size is 1, whose special cases (contiguity, broadcasting) would be guards."""
     count = (size + window - 1) // window
-    return count if isinstance(count, int) else torch.sym_max(count, 2)
+    return torch.sym_max(count, 2) if isinstance(count, torch.SymInt) else count  # int, or a traced tensor
 
 
 def window_tensors(
