@@ -64,7 +64,8 @@ def test_custom_op_values_and_gradients_equal_f_linear(dtype, bias, strided, gel
 @pytest.mark.parametrize("onednn", [False, True])
 @pytest.mark.parametrize("gelu", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_linear_layer_equals_nn_linear_in_training_and_in_packed_inference(dtype, gelu, onednn):
+def test_linear_layer_equals_nn_linear_in_training_and_in_packed_inference(dtype, gelu, onednn, monkeypatch):
+    monkeypatch.setenv("SWIN_KERNELS", "auto")  # the layer's own path, not the suite's forced one
     fast = ops.Linear(24, 40).to(dtype)
     fast.onednn = onednn
     plain = torch.nn.Linear(24, 40).to(dtype)
@@ -86,7 +87,8 @@ def test_linear_layer_equals_nn_linear_in_training_and_in_packed_inference(dtype
 
 
 @pytest.mark.parametrize("onednn", [False, True])
-def test_linear_follows_cpu_autocast(onednn):
+def test_linear_follows_cpu_autocast(onednn, monkeypatch):
+    monkeypatch.setenv("SWIN_KERNELS", "auto")
     layer = ops.Linear(16, 8)
     layer.onednn = onednn
     x = torch.randn(4, 16)
