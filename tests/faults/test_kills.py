@@ -7,9 +7,7 @@ import csv
 import json
 import os
 import random
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
